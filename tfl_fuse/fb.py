@@ -1,0 +1,376 @@
+"""Decode TFL3/CIR0 flatbuffers into the neutral :class:`~tfl_fuse.model.Model` and back.
+
+Decoding goes through the schema package's object API (``ModelT.InitFromObj``), whose
+buffer data are zero-copy numpy views of the input bytes; the object tree is then turned
+into neutral :class:`Table` records field by field, so every field of the schema travels
+through untouched. Encoding maps each Table back to the target format's class by type
+name (which is also how circle <-> tflite conversion works), packs buffer data itself,
+16-byte aligned, into a builder pre-sized to the model, and drops unused buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import flatbuffers
+import numpy as np
+
+from . import formats
+from .formats import UNION_ENUMS, Format
+from .model import Model, ModelError, OpCode, Table
+
+# Index vectors that rules edit: decoded as Python lists instead of read-only numpy views.
+_INDEX_FIELDS = {"inputs", "outputs", "intermediates", "shape", "shapeSignature"}
+# circle SubGraph slot 5 held `data_format` before circle 0.7; circle_schema 0.10 no longer
+# reads it, so it is read and written here by hand.
+_CIRCLE_DATA_FORMAT_SLOT = 5
+_CIRCLE_DATA_FORMAT_VTABLE_OFFSET = 4 + 2 * _CIRCLE_DATA_FORMAT_SLOT
+BUFFER_ALIGNMENT = 16
+MAX_FLATBUFFER_SIZE = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+
+
+def _neutral(value: Any, field_name: str = "") -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    if isinstance(value, np.ndarray):
+        if field_name in _INDEX_FIELDS:
+            return value.tolist()
+        return value
+    if isinstance(value, list):
+        return [_neutral(v, field_name) for v in value]
+    type_name = type(value).__name__
+    table = Table(type_name[:-1] if type_name.endswith("T") else type_name)
+    for name, field_value in vars(value).items():
+        if name.endswith("Type") and name[:-4] in UNION_ENUMS:
+            continue  # the union's member is named by the Table's own type name
+        table.__dict__[name] = _neutral(field_value, name)
+    return table
+
+
+def detect_format(data: bytes | bytearray | memoryview) -> Format:
+    if len(data) < 8:
+        raise ModelError(f"not a model: {len(data)} bytes is too short for a flatbuffer")
+    identifier = bytes(data[4:8])
+    fmt = formats.BY_IDENTIFIER.get(identifier)
+    if fmt is None:
+        raise ModelError(
+            f"not a TFLite or circle model: file identifier {identifier!r}, expected b'TFL3' or b'CIR0'"
+        )
+    return fmt
+
+
+def decode(data: bytes | bytearray | memoryview) -> Model:
+    """Decode model bytes (TFL3 or CIR0) into a neutral Model; ModelError on bad input."""
+    fmt = detect_format(data)
+    root_offset = struct.unpack_from("<I", data, 0)[0]
+    if root_offset + 4 > len(data):
+        raise ModelError(f"corrupt or truncated {fmt.name} model: root offset {root_offset} is past the end ({len(data)} bytes)")
+    try:
+        accessor = fmt.accessor_class("Model").GetRootAs(data, 0)
+        obj = fmt.table_class("Model").InitFromObj(accessor)
+        data_formats = _read_circle_data_formats(accessor) if fmt is formats.CIRCLE else []
+    except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
+        raise ModelError(f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})") from None
+    model = _model_from_objects(obj, fmt, data)
+    for subgraph, data_format in zip(model.subgraphs, data_formats):
+        if data_format:
+            subgraph.dataFormat = data_format
+    from .validate import validate  # late import: validate uses the graph helpers
+
+    validate(model)
+    return model
+
+
+def _read_circle_data_formats(accessor: Any) -> list[int]:
+    values = []
+    for i in range(accessor.SubgraphsLength()):
+        table = accessor.Subgraphs(i)._tab
+        offset = table.Offset(_CIRCLE_DATA_FORMAT_VTABLE_OFFSET)
+        values.append(table.Get(flatbuffers.number_types.Int8Flags, offset + table.Pos) if offset else 0)
+    return values
+
+
+def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryview) -> Model:
+    try:
+        opcodes = [
+            OpCode(
+                fmt.op_name(code.deprecatedBuiltinCode, code.builtinCode),
+                code.version,
+                _neutral(code.customCode),
+                source=_neutral(code),
+                source_format=fmt.name,
+            )
+            for code in obj.operatorCodes or []
+        ]
+    except KeyError as error:
+        raise ModelError(str(error.args[0])) from None
+
+    buffers = []
+    for buffer in obj.buffers or []:
+        payload = buffer.data
+        if buffer.offset > 1:  # data stored after the flatbuffer (models over 2 GB)
+            if buffer.offset + buffer.size > len(data):
+                raise ModelError(f"buffer data at offset {buffer.offset} is past the end of the file")
+            payload = np.frombuffer(data, dtype=np.uint8, count=buffer.size, offset=buffer.offset)
+        buffers.append(Table("Buffer", data=payload, offset=0, size=0))
+
+    tensor_types = fmt.enum_names("TensorType")
+    subgraphs = []
+    for subgraph_object in obj.subgraphs or []:
+        subgraph = _neutral(subgraph_object)
+        subgraph.tensors = subgraph.tensors or []
+        subgraph.operators = subgraph.operators or []
+        subgraph.inputs = subgraph.inputs or []
+        subgraph.outputs = subgraph.outputs or []
+        for tensor in subgraph.tensors:
+            name = tensor_types.get(tensor.type)
+            if name is None:
+                raise ModelError(f"tensor {tensor.name!r} has unknown type code {tensor.type}")
+            tensor.type = name
+        for op in subgraph.operators:
+            index = op.__dict__.pop("opcodeIndex")
+            if not 0 <= index < len(opcodes):
+                raise ModelError(
+                    f"operator in subgraph {len(subgraphs)} uses opcode index {index}, "
+                    f"but the model has {len(opcodes)} operator codes"
+                )
+            op.opcode = opcodes[index]
+            op.inputs = op.inputs or []
+            op.outputs = op.outputs or []
+            if op.get("largeCustomOptionsOffset", 0) > 1:
+                start, size = op.largeCustomOptionsOffset, op.largeCustomOptionsSize
+                op.customOptions = np.frombuffer(data, dtype=np.uint8, count=size, offset=start)
+                op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
+        subgraphs.append(subgraph)
+
+    obj.operatorCodes = obj.subgraphs = obj.buffers = None
+    root = _neutral(obj)
+    for name in ("operatorCodes", "subgraphs", "buffers"):
+        root.__dict__.pop(name, None)
+    return Model(fmt.name, root, opcodes, subgraphs, buffers)
+
+
+# --------------------------------------------------------------------------------------------
+# encode
+
+
+class _Defaults:
+    """Default field values of a format's tables, to tell 'unset' from 'set' when converting."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def of(self, type_name: str) -> dict[str, Any]:
+        if type_name not in self.cache:
+            cls = self.fmt.table_class(type_name)
+            self.cache[type_name] = vars(cls()) if cls is not None else {}
+        return self.cache[type_name]
+
+
+def _is_unset(value: Any, default: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (list, np.ndarray)):
+        return len(value) == 0 and default is None
+    return value == default
+
+
+class _Encoder:
+    def __init__(self, model: Model, fmt: Format) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.source_defaults = _Defaults(formats.get(model.format))
+
+    def obj(self, value: Any, where: str) -> Any:
+        if isinstance(value, Table):
+            return self.table(value, where)
+        if isinstance(value, list):
+            return [self.obj(v, where) for v in value]
+        return value
+
+    def table(self, table: Table, where: str) -> Any:
+        cls = self.fmt.table_class(table._type)
+        if cls is None:
+            raise ModelError(f"{where}: the {self.fmt.name} schema has no table {table._type}")
+        obj = cls()
+        known = vars(obj)
+        source_defaults = self.source_defaults.of(table._type)
+        for name, value in table.fields().items():
+            if name not in known:
+                if _is_unset(value, source_defaults.get(name)):
+                    continue
+                raise ModelError(f"{where}: the {self.fmt.name} schema has no field {table._type}.{name}")
+            if name in UNION_ENUMS and isinstance(value, Table):
+                members = self.fmt.enum(UNION_ENUMS[name])
+                if value._type not in members:
+                    raise ModelError(f"{where}: the {self.fmt.name} schema has no {value._type}")
+                setattr(obj, name + "Type", members[value._type])
+            setattr(obj, name, self.obj(value, where))
+        return obj
+
+
+class _PackedBuffer:
+    """A Buffer table whose data is packed 16-byte aligned with a single copy."""
+
+    def __init__(self, fmt: Format, data: np.ndarray | None) -> None:
+        self.fmt = fmt
+        self.data = data
+
+    def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - object-API protocol
+        data_offset = None
+        if self.data is not None:
+            size = len(self.data)
+            builder.StartVector(1, size, BUFFER_ALIGNMENT)
+            builder.head -= size
+            builder.Bytes[builder.head : builder.head + size] = memoryview(self.data).cast("B")
+            builder.vectorNumElems = size
+            data_offset = builder.EndVector()
+        start = self.fmt.function("Buffer", "BufferStart")
+        start(builder)
+        if data_offset is not None:
+            self.fmt.function("Buffer", "BufferAddData")(builder, data_offset)
+        return self.fmt.function("Buffer", "BufferEnd")(builder)
+
+
+def used_buffer_map(model: Model) -> tuple[list[int], dict[int, int]]:
+    """Buffers to keep (old indices, in order) and old -> new index for every old index.
+
+    Buffer 0 stays the empty sentinel; a buffer no tensor or metadata uses is dropped; a used
+    buffer without data becomes buffer 0 (as LiteRT's own reader does).
+    """
+    used: set[int] = set()
+    for subgraph in model.subgraphs:
+        used.update(tensor.buffer for tensor in subgraph.tensors)
+    metadata = model.root.get("metadata") or []
+    used.update(entry.buffer for entry in metadata)
+    metadata_buffers = {entry.buffer for entry in metadata}
+    keep = [0]
+    mapping = {0: 0}
+    for index in sorted(used):
+        if index == 0:
+            continue
+        buffer = model.buffers[index]
+        if buffer.data is None and index not in metadata_buffers:
+            mapping[index] = 0
+        else:
+            mapping[index] = len(keep)
+            keep.append(index)
+    return keep, mapping
+
+
+@contextlib.contextmanager
+def _circle_data_format_writer(fmt: Format, values: list[int]) -> Iterator[None]:
+    """Write circle's legacy SubGraph.data_format slot, which circle_schema 0.10 cannot."""
+    if fmt is not formats.CIRCLE or not any(values):
+        yield
+        return
+    import importlib
+
+    module = importlib.import_module(f"{fmt._module}.SubGraph")
+    original = module.SubGraphStart
+    pending = list(values)
+
+    def start(builder: flatbuffers.Builder) -> None:
+        original(builder)
+        value = pending.pop(0)
+        if value:
+            builder.PrependInt8Slot(_CIRCLE_DATA_FORMAT_SLOT, value, 0)
+
+    module.SubGraphStart = start
+    try:
+        yield
+    finally:
+        module.SubGraphStart = original
+
+
+def encode(model: Model, fmt_name: str | None = None) -> memoryview:
+    """Encode a Model as TFL3 or CIR0 bytes (a view of the builder's buffer, no extra copy)."""
+    fmt = formats.get(fmt_name or model.format)
+    encoder = _Encoder(model, fmt)
+    keep, buffer_map = used_buffer_map(model)
+
+    opcodes = list(model.opcodes)
+    known = {id(code) for code in opcodes}
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if id(op.opcode) not in known:
+                known.add(id(op.opcode))
+                opcodes.append(op.opcode)
+    opcode_index = {id(code): i for i, code in enumerate(opcodes)}
+    opcode_objects = [_opcode_object(encoder, code) for code in opcodes]
+
+    tensor_types = fmt.enum("TensorType")
+    subgraph_objects = []
+    for s, subgraph in enumerate(model.subgraphs):
+        shell = subgraph.copy()
+        shell.tensors, shell.operators = [], []
+        shell.__dict__.pop("dataFormat", None)
+        sg = encoder.table(shell, f"subgraph {s}")
+        for tensor in subgraph.tensors:
+            if tensor.type not in tensor_types:
+                raise ModelError(f"tensor {tensor.name!r}: the {fmt.name} schema has no type {tensor.type}")
+            shell_tensor = tensor.copy()
+            shell_tensor.type = tensor_types[tensor.type]
+            shell_tensor.buffer = buffer_map[tensor.buffer]
+            sg.tensors.append(encoder.table(shell_tensor, f"tensor {tensor.name!r}"))
+        for i, op in enumerate(subgraph.operators):
+            shell_op = op.copy()
+            del shell_op.opcode
+            obj = encoder.table(shell_op, f"operator {i} ({op.opcode.name}) of subgraph {s}")
+            obj.opcodeIndex = opcode_index[id(op.opcode)]
+            sg.operators.append(obj)
+        subgraph_objects.append(sg)
+
+    root = model.root.copy()
+    metadata = root.get("metadata")
+    if metadata:
+        root.metadata = [entry.copy() for entry in metadata]
+        for entry in root.metadata:
+            entry.buffer = buffer_map[entry.buffer]
+    model_object = encoder.table(root, "model")
+    model_object.operatorCodes = opcode_objects
+    model_object.subgraphs = subgraph_objects
+    model_object.buffers = [_PackedBuffer(fmt, model.buffers[i].data) for i in keep]
+
+    data_bytes = sum(len(model.buffers[i].data) for i in keep if model.buffers[i].data is not None)
+    estimate = data_bytes + BUFFER_ALIGNMENT * 2 * len(keep) + 4096 + 512 * sum(
+        len(sg.tensors) + len(sg.operators) for sg in model.subgraphs
+    )
+    if estimate > MAX_FLATBUFFER_SIZE:
+        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold")
+    builder = flatbuffers.Builder(min(estimate, MAX_FLATBUFFER_SIZE))
+    try:
+        with _circle_data_format_writer(fmt, [sg.get("dataFormat", 0) for sg in model.subgraphs]):
+            offset = model_object.Pack(builder)
+        builder.Finish(offset, file_identifier=fmt.identifier)
+    except flatbuffers.builder.BuilderSizeError:
+        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold") from None
+    return memoryview(builder.Bytes)[builder.Head() :]
+
+
+def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
+    fmt = encoder.fmt
+    if code.source is not None and code.source_format == fmt.name and code.source.version == code.version:
+        return encoder.table(code.source, f"operator code {code.name}")
+    try:
+        deprecated, builtin = fmt.op_codes(code.name)
+    except KeyError:
+        raise ModelError(f"operator {code.name} has no equivalent in the {fmt.name} schema") from None
+    obj = fmt.table_class("OperatorCode")()
+    obj.deprecatedBuiltinCode, obj.builtinCode = deprecated, builtin
+    obj.version = code.version
+    obj.customCode = code.custom_code
+    return obj
