@@ -1,0 +1,54 @@
+"""Runs rules to a fixed point over every subgraph, sweeps what they left dead, reports."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from .graph import Graph
+from .model import Model
+from .rules import Context, Rule
+
+MAX_PASSES = 100
+CHANNELS_FIRST = 1
+
+
+def op_counts(model: Model) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for subgraph in model.subgraphs:
+        counts.update(op.opcode.name for op in subgraph.operators)
+    return dict(sorted(counts.items()))
+
+
+def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> dict[str, Any]:
+    """Apply ``rules`` to ``model`` in place until nothing changes; return the report."""
+    ctx = Context(exclude=[re.compile(p) for p in exclude or []])
+    before = op_counts(model)
+    passes = 0
+    for index, subgraph in enumerate(model.subgraphs):
+        if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
+            where = f"subgraph {index}"
+            ctx.declines[("*", where, "fmt")] = {
+                "rule": "*", "where": where,
+                "reason": "circle subgraph in CHANNELS_FIRST data format: rules assume NHWC and skip it",
+            }
+            continue
+        if not rules:
+            continue
+        graph = Graph(model, index)
+        for _ in range(MAX_PASSES):
+            passes += 1
+            ctx.declines = {k: v for k, v in ctx.declines.items() if not k[1].startswith(f"subgraph {index}:")}
+            changed = sum(rule.apply(graph, ctx) for rule in rules)
+            if not changed:
+                break
+        graph.sweep()
+    return {
+        "ops_before": before,
+        "ops_after": op_counts(model),
+        "rewrites": ctx.rewrites,
+        "declined": list(ctx.declines.values()),
+        "rules": [rule.name for rule in rules],
+        "passes": passes,
+    }

@@ -1,0 +1,33 @@
+"""The rewrite rules, one module per family; ``ALL_RULES`` is the order the engine runs them."""
+
+from __future__ import annotations
+
+from .activation import FuseActivation
+from .backward import FoldIntoPrecedingLayer
+from .base import Context, Decline, Rule
+from .chain import MergeLinearChain
+from .constants import FoldConstants
+
+ALL_RULES: list[Rule] = [
+    FoldConstants(),
+    MergeLinearChain(),
+    FoldIntoPrecedingLayer(),
+    FuseActivation(),
+]
+RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
+
+
+def default_rules() -> list[Rule]:
+    return [rule for rule in ALL_RULES if rule.default and not rule.approximate]
+
+
+def select(names: list[str] | None, disabled: list[str] | None = None) -> list[Rule]:
+    """Rules by name (None: the defaults), minus ``disabled``, in engine order. KeyError names an unknown one."""
+    for name in list(names or []) + list(disabled or []):
+        if name not in RULES_BY_NAME:
+            raise KeyError(name)
+    chosen = default_rules() if names is None else [r for r in ALL_RULES if r.name in set(names)]
+    return [r for r in chosen if r.name not in set(disabled or [])]
+
+
+__all__ = ["ALL_RULES", "RULES_BY_NAME", "Context", "Decline", "Rule", "default_rules", "select"]

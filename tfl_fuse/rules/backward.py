@@ -1,0 +1,151 @@
+"""Backward fold: a per-channel MUL / ADD / SUB / DIV after a layer goes into its weights and bias.
+
+Math (DESIGN.md 3.1). A layer L computes y = W * x + b, linear in W and b, with output
+channel o produced by the weight slice at ``output_channel_axis`` index o. For a per-channel
+affine map z = s * y + t (MUL s, ADD t, SUB t as ADD -t, DIV s as MUL 1/s, SUB(t, y) as
+-y + t)::
+
+    z[o] = s[o] * (W[o] * x + b[o]) + t[o] = (s[o] * W[o]) * x + (s[o] * b[o] + t[o])
+
+so W' = W scaled by s along the output-channel axis, b' = s * b + t. The elementwise op's
+fused activation moves onto L.
+
+Exact when:
+* L has no fused activation, or it is RELU and the map is a pure scale with every s > 0
+  (s * relu(y) = relu(s * y)); then the op may itself carry NONE, RELU or RELU6;
+* L's output has no other consumer and is not a graph output;
+* weights and bias are float32 constants (quantized and float16 weights are left alone);
+* the constant is per-channel (broadcasts along the channel axis only);
+* every folded value is finite.
+A missing bias is created (TRANSPOSE_CONV then needs op version >= 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Graph
+from ..model import Table
+from .base import Context, Decline, Rule
+from .predicates import (
+    LAYERS,
+    LINEAR_OPS,
+    Affine,
+    affine_of,
+    fused_activation,
+    require_finite,
+    require_float32,
+    require_float_constant,
+    require_single_consumer,
+    set_fused_activation,
+)
+
+ACTIVATIONS_A_LAYER_RUNS = {"NONE", "RELU", "RELU6", "RELU_N1_TO_1"}
+TRANSPOSE_CONV_BIAS_VERSION = 3
+
+
+def scale_along_axis(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * weights.ndim
+    shape[axis] = -1
+    return weights.astype(np.float64) * scale.reshape(shape)
+
+
+def layer_bias(graph: Graph, layer: Table, channels: int) -> np.ndarray:
+    position = LAYERS[layer.opcode.name].bias_input
+    if position < len(layer.inputs) and layer.inputs[position] >= 0:
+        return require_float_constant(graph, layer.inputs[position], "bias").astype(np.float64).reshape(-1)
+    return np.zeros(channels)
+
+
+def set_layer_bias(graph: Graph, layer: Table, bias: np.ndarray) -> None:
+    """Write ``bias`` (float64) into the layer, creating the bias input when it is absent."""
+    position = LAYERS[layer.opcode.name].bias_input
+    value = bias.astype(np.float32)
+    if position < len(layer.inputs) and layer.inputs[position] >= 0:
+        graph.set_constant(layer, position, value)
+        return
+    tensor = graph.add_constant(f"{graph.name(layer.outputs[0])}/bias", value)
+    while len(layer.inputs) < position:
+        graph.append_input(layer, -1)
+    if len(layer.inputs) == position:
+        graph.append_input(layer, tensor)
+    else:
+        graph.replace_input(layer, position, tensor)
+    if layer.opcode.name == "TRANSPOSE_CONV" and layer.opcode.version < TRANSPOSE_CONV_BIAS_VERSION:
+        graph.set_op_type(layer, "TRANSPOSE_CONV", TRANSPOSE_CONV_BIAS_VERSION)
+
+
+def activation_after_fold(layer: Table, affine: Affine) -> str:
+    """The fused activation L gets, or Decline when L's activation blocks the fold."""
+    layer_act, op_act = fused_activation(layer), fused_activation(affine.op)
+    if op_act not in ACTIVATIONS_A_LAYER_RUNS:
+        raise Decline(f"{affine.op.opcode.name} has fused {op_act}, which {layer.opcode.name} cannot run")
+    if layer_act == "NONE":
+        return op_act
+    pure_positive_scale = np.all(affine.scale > 0) and not np.any(affine.shift)
+    if layer_act == "RELU" and pure_positive_scale and op_act in ("NONE", "RELU", "RELU6"):
+        return "RELU" if op_act == "NONE" else op_act
+    if layer_act == "RELU" and not np.any(affine.shift):
+        raise Decline(f"{layer.opcode.name} has fused RELU and the scale is not positive in every channel")
+    raise Decline(f"{layer.opcode.name} has fused {layer_act}, which the {affine.op.opcode.name} does not commute with")
+
+
+def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
+    """Rewrite ``layer`` so it computes ``affine`` of its output (checks, then changes)."""
+    layout = LAYERS[layer.opcode.name]
+    require_single_consumer(graph, layer.outputs[0], layer.opcode.name)
+    activation = activation_after_fold(layer, affine)
+    require_float32(graph, layer.outputs[0], f"{layer.opcode.name} output")
+    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
+    channels = weights.shape[layout.output_channel_axis]
+    if channels != len(affine.scale):
+        raise Decline(f"{layer.opcode.name} has {channels} output channels, the constant {len(affine.scale)}")
+    bias = layer_bias(graph, layer, channels)
+    new_weights = scale_along_axis(weights, affine.scale, layout.output_channel_axis)
+    new_bias = affine.scale * bias + affine.shift
+    require_finite(new_weights, new_bias)
+
+    graph.set_constant(layer, layout.weight_input, new_weights.astype(np.float32))
+    set_layer_bias(graph, layer, new_bias)
+    set_fused_activation(layer, activation)
+    graph.set_output(layer, 0, affine.op.outputs[0])
+    graph.remove_op(affine.op)
+
+
+class FoldIntoPrecedingLayer(Rule):
+    name = "fold_into_preceding_layer"
+    summary = "MUL/ADD/SUB/DIV by a per-channel constant after CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, FULLY_CONNECTED or CONV_3D goes into its weights and bias"
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        for op in graph.ops_of_type(*LINEAR_OPS):
+            if not graph.is_alive(op):
+                continue
+            layer = self._layer_before(graph, op)
+            if layer is None:
+                continue
+            try:
+                reason = ctx.excluded(graph, op, layer)
+                if reason:
+                    raise Decline(reason)
+                affine = affine_of(graph, op)
+                fold_affine_into_layer(graph, layer, affine)
+            except Decline as decline:
+                self.declined(graph, ctx, op, f"not folded into {layer.opcode.name}: {decline}")
+                continue
+            self.rewrote(graph, ctx, [layer, op], f"{op.opcode.name} folded into the weights and bias of {layer.opcode.name}")
+            count += 1
+        return count
+
+    @staticmethod
+    def _layer_before(graph: Graph, op: Table) -> Table | None:
+        """The layer producing the non-constant operand of ``op``, if there is exactly one."""
+        if len(op.inputs) != 2:
+            return None
+        variables = [t for t in op.inputs if t >= 0 and not graph.is_constant(t)]
+        if len(variables) != 1:
+            return None
+        producer = graph.producer_of(variables[0])
+        if producer is None or producer.opcode.name not in LAYERS:
+            return None
+        return producer

@@ -1,0 +1,64 @@
+"""What every rule shares: the Rule base class, the Decline signal and the run context."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..graph import Graph
+from ..model import Table
+
+
+class Decline(Exception):
+    """A pattern matched but a condition for an exact rewrite does not hold; says why."""
+
+
+@dataclass
+class Context:
+    """Collects what rules did and refused, and carries the user's options."""
+
+    exclude: list[re.Pattern] = field(default_factory=list)
+    rewrites: list[dict[str, Any]] = field(default_factory=list)
+    declines: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+
+    def excluded(self, graph: Graph, *ops: Table) -> str | None:
+        """The first --exclude pattern that matches an output tensor name of ``ops``."""
+        for op in ops:
+            for t in op.outputs:
+                name = graph.name(t)
+                for pattern in self.exclude:
+                    if pattern.search(name):
+                        return f"output tensor {name!r} is excluded by --exclude {pattern.pattern!r}"
+        return None
+
+
+class Rule:
+    """A rewrite family. Subclasses set ``name``/``summary`` and implement ``apply``.
+
+    ``apply`` makes one pass over a graph and returns the number of rewrites; the engine
+    repeats passes until no rule changes anything.
+    """
+
+    name: str = ""
+    summary: str = ""
+    approximate: bool = False  # changes the function computed; never on by default
+    default: bool = True
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        raise NotImplementedError
+
+    # reporting helpers -------------------------------------------------------------------
+    def rewrote(self, graph: Graph, ctx: Context, ops: list[Table], detail: str, **extra: Any) -> None:
+        entry = {
+            "rule": self.name,
+            "subgraph": graph.index,
+            "ops": [f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops],
+            "detail": detail,
+        }
+        entry.update(extra)
+        ctx.rewrites.append(entry)
+
+    def declined(self, graph: Graph, ctx: Context, op: Table, reason: str) -> None:
+        where = f"subgraph {graph.index}: {op.opcode.name} -> {graph.name(op.outputs[0]) if op.outputs else '?'}"
+        ctx.declines[(self.name, where, reason)] = {"rule": self.name, "where": where, "reason": reason}

@@ -1,0 +1,109 @@
+"""Run LiteRT on two models with the same seeded inputs and compare every output (DESIGN.md 5).
+
+Circle models run through an in-memory circle -> tflite conversion. Float outputs compare
+with ``rtol`` and an ``atol`` scaled to the output's magnitude; integer outputs exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import fb
+
+RTOL = 1e-5
+ATOL_SCALE = 1e-5
+
+
+def as_tflite(data: bytes | bytearray | memoryview) -> bytes:
+    """The model as TFL3 bytes (a circle model is converted in memory)."""
+    if fb.detect_format(data).name == "tflite":
+        return bytes(data)
+    return bytes(fb.encode(fb.decode(data), "tflite"))
+
+
+def interpreter(data: bytes | bytearray | memoryview, threads: int = 1) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=as_tflite(data), num_threads=threads)
+    interp.allocate_tensors()
+    return interp
+
+
+def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.ndarray]:
+    """Seeded inputs for every graph input: ``normal``, ``zeros`` or ``large`` magnitudes."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for detail in interp.get_input_details():
+        shape = [int(d) for d in detail["shape"]]
+        dtype = np.dtype(detail["dtype"])
+        if dtype.kind == "f":
+            if kind == "zeros":
+                value = np.zeros(shape)
+            elif kind == "large":
+                value = rng.normal(0.0, 1e3, shape)
+            else:
+                value = rng.normal(0.0, 1.0, shape)
+        elif dtype.kind == "b":
+            value = rng.integers(0, 2, shape) if kind != "zeros" else np.zeros(shape)
+        else:
+            info = np.iinfo(dtype)
+            low, high = (max(info.min, -128), min(info.max, 127)) if kind == "large" else (max(info.min, -10), min(info.max, 10))
+            value = rng.integers(low, high + 1, shape) if kind != "zeros" else np.zeros(shape)
+        values.append(np.asarray(value).astype(dtype))
+    return values
+
+
+def run(data: bytes | bytearray | memoryview, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    interp = interpreter(data)
+    for detail, value in zip(interp.get_input_details(), inputs):
+        interp.set_tensor(detail["index"], value)
+    interp.invoke()
+    return [np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()]
+
+
+def output_names(data: bytes | bytearray | memoryview) -> tuple[list[str], list[str]]:
+    interp = interpreter(data)
+    return [d["name"] for d in interp.get_input_details()], [d["name"] for d in interp.get_output_details()]
+
+
+def compare_arrays(expected: np.ndarray, actual: np.ndarray, rtol: float = RTOL, atol: float | None = None) -> tuple[bool, float]:
+    """(match, max abs difference); float atol defaults to ATOL_SCALE * max |expected| (at least 1e-6)."""
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
+        return False, float("inf")
+    if expected.dtype.kind not in "fc":
+        diff = float(np.max(np.abs(expected.astype(np.int64) - actual.astype(np.int64)))) if expected.size else 0.0
+        return diff == 0.0, diff
+    if atol is None:
+        atol = max(ATOL_SCALE * float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
+    diff = float(np.max(np.abs(expected.astype(np.float64) - actual))) if expected.size else 0.0
+    same_nan = np.array_equal(np.isnan(expected), np.isnan(actual))
+    ok = same_nan and bool(np.allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True))
+    return ok, diff
+
+
+def compare_models(
+    original: bytes | bytearray | memoryview,
+    optimized: bytes | bytearray | memoryview,
+    seed: int = 0,
+    rtol: float = RTOL,
+    kinds: tuple[str, ...] = ("normal", "zeros", "large"),
+) -> dict[str, Any]:
+    """Run both models on seeded inputs of each kind and compare every output."""
+    reference = interpreter(original)
+    names = [d["name"] for d in reference.get_output_details()]
+    worst: dict[str, float] = {name: 0.0 for name in names}
+    match = True
+    for k, kind in enumerate(kinds):
+        inputs = random_inputs(reference, seed + k, kind)
+        expected = run(original, inputs)
+        actual = run(optimized, inputs)
+        if len(expected) != len(actual):
+            return {"match": False, "summary": "the models have different numbers of outputs", "max_abs_diff": {}}
+        for name, e, a in zip(names, expected, actual):
+            ok, diff = compare_arrays(e, a, rtol)
+            worst[name] = max(worst[name], diff)
+            match = match and ok
+    summary = ", ".join(f"{n}: max |diff| {d:.3g}" for n, d in worst.items())
+    return {"match": match, "summary": summary, "max_abs_diff": worst, "seed": seed, "inputs": list(kinds)}
