@@ -51,9 +51,10 @@ class FuseActivation(Rule):
             except Decline as decline:
                 self.declined(graph, ctx, relu, f"not fused into {producer.opcode.name}: {decline}")
                 continue
+            labels = self.labels(graph, [producer, relu])
             set_fused_activation(producer, relu.opcode.name)
             graph.set_output(producer, 0, relu.outputs[0])
             graph.remove_op(relu)
-            self.rewrote(graph, ctx, [producer, relu], f"{relu.opcode.name} fused into {producer.opcode.name}")
+            self.rewrote(graph, ctx, labels, f"{relu.opcode.name} fused into {producer.opcode.name}")
             count += 1
         return count

@@ -129,11 +129,12 @@ class FoldIntoPrecedingLayer(Rule):
                 if reason:
                     raise Decline(reason)
                 affine = affine_of(graph, op)
+                labels = self.labels(graph, [layer, op])
                 fold_affine_into_layer(graph, layer, affine)
             except Decline as decline:
                 self.declined(graph, ctx, op, f"not folded into {layer.opcode.name}: {decline}")
                 continue
-            self.rewrote(graph, ctx, [layer, op], f"{op.opcode.name} folded into the weights and bias of {layer.opcode.name}")
+            self.rewrote(graph, ctx, labels, f"{op.opcode.name} folded into the weights and bias of {layer.opcode.name}")
             count += 1
         return count
 

@@ -49,13 +49,13 @@ class Rule:
         raise NotImplementedError
 
     # reporting helpers -------------------------------------------------------------------
-    def rewrote(self, graph: Graph, ctx: Context, ops: list[Table], detail: str, **extra: Any) -> None:
-        entry = {
-            "rule": self.name,
-            "subgraph": graph.index,
-            "ops": [f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops],
-            "detail": detail,
-        }
+    @staticmethod
+    def labels(graph: Graph, ops: list[Table]) -> list[str]:
+        """``TYPE:output-name`` of each op: take them before a rewrite renames outputs."""
+        return [f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops]
+
+    def rewrote(self, graph: Graph, ctx: Context, labels: list[str], detail: str, **extra: Any) -> None:
+        entry = {"rule": self.name, "subgraph": graph.index, "ops": labels, "detail": detail}
         entry.update(extra)
         ctx.rewrites.append(entry)
 

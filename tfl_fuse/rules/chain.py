@@ -86,8 +86,9 @@ class MergeLinearChain(Rule):
             except Decline as decline:
                 self.declined(graph, ctx, second, str(decline))
                 continue
+            labels = self.labels(graph, [first, second])
             self._rewrite(graph, first, second, affine1.data, scale, shift)
-            self.rewrote(graph, ctx, [first, second], "merged into one MUL and one ADD")
+            self.rewrote(graph, ctx, labels, "merged into one MUL and one ADD")
             count += 1
         return count
 

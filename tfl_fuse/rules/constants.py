@@ -112,6 +112,6 @@ class FoldConstants(Rule):
             tensor = graph.tensors[out]
             tensor.buffer = graph.model.add_buffer(value)
             graph.remove_op(op)
-            self.rewrote(graph, ctx, [op], f"{op.opcode.name} of constants replaced by its value")
+            self.rewrote(graph, ctx, self.labels(graph, [op]), f"{op.opcode.name} of constants replaced by its value")
             count += 1
         return count

@@ -1,0 +1,51 @@
+# tfl_fuse: every target sets up .venv itself, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BUILD  := build
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test bench lint recipes install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## make demo: build the bundled example (a pre-activation residual block) and optimize it
+demo: $(VENV)/.installed
+	@mkdir -p $(BUILD)/demo
+	$(BIN)/python tools/chef.py recipes/Demo_Residual_Preact_BN -o $(BUILD)/demo/example.tflite
+	$(BIN)/python -m tfl_fuse $(BUILD)/demo/example.tflite $(BUILD)/demo/example.opt.tflite --verify -v --report -
+
+## make test: the whole suite (recipes, unit tests, Keras models converted with tensorflow-cpu)
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+## make bench: tool cost, inference latency and fold coverage on Keras models
+bench: $(VENV)/.installed-test
+	$(BIN)/python tools/bench.py
+
+## make recipes: build every recipe model into build/recipes-models
+recipes: $(VENV)/.installed
+	@mkdir -p $(BUILD)/recipes-models
+	@for d in recipes/*/; do n=$$(basename $$d); \
+	  $(BIN)/python tools/chef.py $$d -o $(BUILD)/recipes-models/$$n || exit 1; done
+	@ls $(BUILD)/recipes-models | wc -l | xargs echo "recipe models built:"
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check tfl_fuse tools tests
+	$(BIN)/ruff format --check tfl_fuse tools tests
+
+clean:
+	rm -rf $(BUILD) .pytest_cache
