@@ -335,6 +335,8 @@ def encode(model: Model, fmt_name: str | None = None) -> memoryview:
         subgraph_objects.append(sg)
 
     root = model.root.copy()
+    if fmt.name != model.format:  # each format numbers its schema versions its own way
+        root.version = fmt.schema_version
     metadata = root.get("metadata")
     if metadata:
         root.metadata = [entry.copy() for entry in metadata]

@@ -36,6 +36,7 @@ class Format:
     suffix: str
     _module: str
     _per_table_modules: bool
+    schema_version: int = 0  # Model.version this format's readers expect
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _lookup(self, table: str, attribute: str) -> Any:
@@ -108,8 +109,8 @@ class Format:
         return deprecated, code
 
 
-TFLITE = Format("tflite", b"TFL3", ".tflite", "ai_edge_litert.schema_py_generated", False)
-CIRCLE = Format("circle", b"CIR0", ".circle", "circle_schema.v0_10.circle", True)
+TFLITE = Format("tflite", b"TFL3", ".tflite", "ai_edge_litert.schema_py_generated", False, schema_version=3)
+CIRCLE = Format("circle", b"CIR0", ".circle", "circle_schema.v0_10.circle", True, schema_version=0)
 FORMATS = {f.name: f for f in (TFLITE, CIRCLE)}
 BY_IDENTIFIER = {f.identifier: f for f in (TFLITE, CIRCLE)}
 

@@ -1,0 +1,122 @@
+"""Lossless round trips on real converter output, circle files, determinism and alignment."""
+
+from __future__ import annotations
+
+import flatbuffers
+import kerasmodels
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as tfl
+from litert_compare import differences
+
+import tfl_fuse
+from tfl_fuse import fb, verify
+
+
+def round_trip(data: bytes) -> bytes:
+    out, _ = tfl_fuse.optimize(data, [])
+    return bytes(out)
+
+
+def assert_same_outputs(a: bytes, b: bytes, seed: int = 0) -> None:
+    reference = verify.interpreter(a)
+    inputs = verify.random_inputs(reference, seed)
+    for x, y in zip(verify.run(a, inputs), verify.run(b, inputs), strict=True):
+        assert np.array_equal(x, y)
+
+
+def multi_subgraph_model() -> bytes:
+    tf = kerasmodels.tf()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32)])
+    def branchy(x):
+        y = tf.cond(tf.reduce_sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0)
+        i = tf.constant(0)
+        _, y = tf.while_loop(lambda i, v: i < 3, lambda i, v: (i + 1, v * 0.5 + 1.0), [i, y])
+        return y
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([branchy.get_concrete_function()], branchy)
+    return converter.convert()
+
+
+def keras_model(name: str) -> bytes:
+    return kerasmodels.application(name, input_shape=(96, 96, 3)).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50V2"])
+def test_keras_application_round_trip_is_lossless(name):
+    data = keras_model(name)
+    out = round_trip(data)
+    assert differences(data, out) == []
+    assert_same_outputs(data, out)
+
+
+def test_multi_subgraph_round_trip_is_lossless():
+    data = kerasmodels.cached("cond_while.tflite", multi_subgraph_model).read_bytes()
+    model = fb.decode(data)
+    assert len(model.subgraphs) >= 3
+    out = round_trip(data)
+    assert differences(data, out) == []
+    for value in (1.0, -1.0):  # both branches of the cond
+        interp_inputs = [np.full((1, 8), value, np.float32)]
+        for x, y in zip(verify.run(data, interp_inputs), verify.run(out, interp_inputs), strict=True):
+            assert np.array_equal(x, y)
+
+
+def test_signature_defs_and_metadata_survive():
+    data = kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3)).read_bytes()
+    model = fb.decode(data)
+    assert model.signature_defs and model.root.metadata
+    out = round_trip(data)
+    again = fb.decode(out)
+    assert [s.signatureKey for s in again.signature_defs] == [s.signatureKey for s in model.signature_defs]
+    names = {m.name: bytes(model.buffers[m.buffer].data) for m in model.root.metadata}
+    names_out = {m.name: bytes(again.buffers[m.buffer].data) for m in again.root.metadata}
+    assert names == names_out
+    assert differences(data, out) == []
+
+
+def buffer_data_offsets(data: bytes) -> list[int]:
+    model = tfl.Model.GetRootAs(data, 0)
+    offsets = []
+    for i in range(model.BuffersLength()):
+        buffer = model.Buffers(i)
+        o = buffer._tab.Offset(4)
+        if o and buffer.DataLength():
+            offsets.append(buffer._tab.Vector(o))
+    return offsets
+
+
+def test_output_is_deterministic_and_aligned():
+    data = kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3)).read_bytes()
+    first, second = round_trip(data), round_trip(data)
+    assert first == second
+    optimized = [bytes(tfl_fuse.optimize(data)[0]) for _ in range(2)]
+    assert optimized[0] == optimized[1]
+    offsets = buffer_data_offsets(first) + buffer_data_offsets(optimized[0])
+    assert offsets and all(offset % 16 == 0 for offset in offsets)
+
+
+def test_unused_buffers_are_dropped_and_buffer_zero_stays_empty():
+    data = kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3)).read_bytes()
+    model = fb.decode(data)
+    model.buffers.append(model.buffers[1])  # an unreferenced buffer
+    model.add_buffer(np.arange(10, dtype=np.float32))
+    out = fb.decode(fb.encode(model))
+    referenced = {t.buffer for sg in out.subgraphs for t in sg.tensors} | {m.buffer for m in out.root.metadata}
+    assert set(range(len(out.buffers))) == referenced | {0}
+    assert out.buffers[0].data is None
+
+
+def test_shared_buffers_stay_shared():
+    data = kerasmodels.application("ResNet50V2", input_shape=(32, 32, 3), seed=3).read_bytes()
+    model = fb.decode(fb.encode(fb.decode(data)))
+    original = fb.decode(data)
+    def sharing(m):
+        users = {}
+        for t in m.subgraphs[0].tensors:
+            if m.buffers[t.buffer].data is not None:
+                users.setdefault(t.buffer, []).append(t.name)
+        return sorted(sorted(v) for v in users.values() if len(v) > 1)
+    assert sharing(model) == sharing(original)
