@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args.input}: {error}")
     except (MemoryError, RecursionError) as error:
         return _fail(f"{args.input}: cannot process the model ({type(error).__name__})")
+    except Exception as error:  # noqa: BLE001 - a bug must still end in one line and exit 1
+        return _fail(f"{args.input}: internal error, please report it: {type(error).__name__}: {error}")
 
     if not args.dry_run:
         try:

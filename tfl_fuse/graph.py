@@ -158,7 +158,7 @@ class Graph:
             t.quantization = None if t.get("quantization") is None else t.quantization
             type_name = t.type
         else:
-            t = Table("Tensor", type=type_name, isVariable=False, hasRank=False)
+            t = Table("Tensor", shape=[], type=type_name, buffer=0, name=name, isVariable=False, hasRank=True)
         t.name = self._unique(name)
         t.buffer = self.model.add_buffer(np.asarray(value).astype(NUMPY_DTYPES[type_name], copy=False))
         t.shapeSignature = None

@@ -7,11 +7,16 @@ from .backward import FoldIntoPrecedingLayer
 from .base import Context, Decline, Rule
 from .chain import MergeLinearChain
 from .constants import FoldConstants
+from .forward import FoldIntoFollowingLayers
+from .preactivation import MoveScaleForward, PushShiftBackward
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
     MergeLinearChain(),
     FoldIntoPrecedingLayer(),
+    FoldIntoFollowingLayers(),
+    MoveScaleForward(),
+    PushShiftBackward(),
     FuseActivation(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}

@@ -39,12 +39,14 @@ class FuseActivation(Rule):
             producer = graph.producer_of(relu.inputs[0])
             if producer is None or producer.opcode.name not in HONOURS_FUSED_ACTIVATION:
                 continue
+            if not has_fused_activation_slot(producer) or fused_activation(producer) != "NONE":
+                continue  # nothing to fuse into: not a refusal worth reporting
+            if len(graph.consumers_of(relu.inputs[0])) != 1 or graph.is_graph_output(relu.inputs[0]):
+                continue  # e.g. a residual sum that also feeds the shortcut
             try:
                 reason = ctx.excluded(graph, producer, relu)
                 if reason:
                     raise Decline(reason)
-                if not has_fused_activation_slot(producer) or fused_activation(producer) != "NONE":
-                    raise Decline(f"{producer.opcode.name} already has fused {fused_activation(producer)}")
                 require_single_consumer(graph, relu.inputs[0], producer.opcode.name)
                 require_float32(graph, relu.inputs[0], f"{relu.opcode.name} input")
                 require_float32(graph, relu.outputs[0], f"{relu.opcode.name} output")

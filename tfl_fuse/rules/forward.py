@@ -1,0 +1,149 @@
+"""Forward fold: a per-channel MUL / ADD before layers goes into their weights and bias.
+
+Math (DESIGN.md 3.2). A layer reads its input x linearly: y[o] = sum_i W[o, i] * x[i] + b[o]
+(summing also over kernel positions). With x = s * u (MUL s)::
+
+    y[o] = sum_i (W[o, i] * s[i]) * u[i] + b[o]          W' = W scaled by s on the input-channel axis
+
+Exact for any padding: a padded zero stays zero after scaling. With x = u + t (ADD t)::
+
+    y[o] = sum_i W[o, i] * u[i] + (b[o] + sum_i W[o, i] * t[i])     b' = b + W . t
+
+Exact only where every output sums the whole kernel over real inputs: FULLY_CONNECTED, and
+convolutions that apply no padding (VALID, or SAME whose computed padding is zero). Never
+for TRANSPOSE_CONV, whose border outputs sum fewer inputs. DEPTHWISE_CONV_2D output o reads
+input channel o // depth_multiplier.
+
+Also required: the MUL/ADD has no fused activation, its output is not a graph output, every
+consumer reads it as its data input and can absorb it (all fold or none do), the weights and
+bias are float32 constants, the folded values are finite, and grouped convolutions are left
+alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Graph
+from ..model import Table
+from .backward import layer_bias, set_layer_bias
+from .base import Context, Decline, Rule
+from .predicates import (
+    LAYERS,
+    Affine,
+    affine_of,
+    fused_activation,
+    require_finite,
+    require_float32,
+    require_float_constant,
+    spatial_padding_is_zero,
+)
+
+
+def input_channel_map(graph: Graph, layer: Table, weights: np.ndarray, channels: int) -> np.ndarray:
+    """For each index along the weights' input-channel axis, the input channel it reads."""
+    kind = layer.opcode.name
+    layout = LAYERS[kind]
+    if kind == "DEPTHWISE_CONV_2D":
+        out_channels = weights.shape[3]
+        if out_channels % channels:
+            raise Decline(f"DEPTHWISE_CONV_2D has {out_channels} outputs for {channels} input channels")
+        return np.arange(out_channels) // (out_channels // channels)
+    size = weights.shape[layout.input_channel_axis]
+    if size != channels:
+        what = "grouped " if kind == "CONV_2D" and channels % size == 0 else ""
+        raise Decline(f"{what}{kind} reads {size} input channels per output, the constant has {channels}")
+    return np.arange(size)
+
+
+def absorb_scale(weights: np.ndarray, layer: Table, scale: np.ndarray) -> np.ndarray:
+    layout = LAYERS[layer.opcode.name]
+    axis = layout.output_channel_axis if layer.opcode.name == "DEPTHWISE_CONV_2D" else layout.input_channel_axis
+    shape = [1] * weights.ndim
+    shape[axis] = -1
+    return weights.astype(np.float64) * scale.reshape(shape)
+
+
+def absorbed_shift(weights: np.ndarray, layer: Table, shift: np.ndarray) -> np.ndarray:
+    """W . t per output channel: what ADD t before the layer adds to every output."""
+    kind = layer.opcode.name
+    w = weights.astype(np.float64)
+    if kind == "DEPTHWISE_CONV_2D":
+        return (w * shift.reshape(1, 1, 1, -1)).sum(axis=(0, 1, 2))
+    if kind == "CONV_2D":
+        return np.einsum("ohwi,i->o", w, shift)
+    if kind == "FULLY_CONNECTED":
+        return w @ shift
+    if kind == "CONV_3D":
+        return np.einsum("dhwio,i->o", w, shift)
+    raise Decline(f"a shift before {kind} is not exact at its borders")
+
+
+def plan_consumer(graph: Graph, layer: Table, affine: Affine, data_tensor: int) -> tuple[np.ndarray, np.ndarray]:
+    """New (weights, bias) for one consumer, or Decline."""
+    kind = layer.opcode.name
+    if kind not in LAYERS:
+        raise Decline(f"consumer {kind} cannot absorb a per-channel constant")
+    layout = LAYERS[kind]
+    if layer.inputs[layout.data_input] != data_tensor or list(layer.inputs).count(data_tensor) != 1:
+        raise Decline(f"{kind} reads {graph.name(data_tensor)!r} as something other than its data input")
+    has_shift = bool(np.any(affine.shift))
+    has_scale = bool(np.any(affine.scale != 1))
+    if has_shift:
+        if kind == "TRANSPOSE_CONV":
+            raise Decline("a shift before TRANSPOSE_CONV is not exact: its border outputs sum fewer inputs")
+        if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, layer):
+            raise Decline(f"{kind} pads its input, and a shift of padded zeros is not exact")
+    require_float32(graph, layer.outputs[0], f"{kind} output")
+    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
+    channels = len(affine.scale)
+    if kind == "FULLY_CONNECTED" and graph.shape(data_tensor)[-1] != weights.shape[1]:
+        raise Decline("FULLY_CONNECTED flattens its input across the channel axis")
+    mapping = input_channel_map(graph, layer, weights, channels)
+    bias = layer_bias(graph, layer, weights.shape[layout.output_channel_axis])
+    new_weights = absorb_scale(weights, layer, affine.scale[mapping]) if has_scale else weights.astype(np.float64)
+    new_bias = bias + absorbed_shift(weights, layer, affine.shift[mapping]) if has_shift else bias
+    require_finite(new_weights, new_bias)
+    return new_weights, new_bias
+
+
+class FoldIntoFollowingLayers(Rule):
+    name = "fold_into_following_layers"
+    summary = "MUL/ADD by a per-channel constant before conv/depthwise/FC/conv3D layers goes into their weights (ADD only where no padding applies)"
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        for op in graph.ops_of_type("MUL", "ADD", "SUB", "DIV"):
+            if not graph.is_alive(op):
+                continue
+            out = op.outputs[0]
+            consumers = graph.consumers_of(out)
+            if not consumers or not any(c.opcode.name in LAYERS for c in consumers):
+                continue
+            try:
+                affine = affine_of(graph, op)
+            except Decline:
+                continue  # not a per-channel affine op: nothing to say here
+            try:
+                reason = ctx.excluded(graph, op, *consumers)
+                if reason:
+                    raise Decline(reason)
+                if fused_activation(op) != "NONE":
+                    raise Decline(f"{op.opcode.name} has fused {fused_activation(op)}")
+                if graph.is_graph_output(out):
+                    raise Decline(f"{graph.name(out)!r} is a graph output")
+                plans = [(layer, plan_consumer(graph, layer, affine, out)) for layer in consumers]
+            except Decline as decline:
+                self.declined(graph, ctx, op, f"not folded into the following layers: {decline}")
+                continue
+            labels = self.labels(graph, [op, *consumers])
+            for layer, (weights, bias) in plans:
+                layout = LAYERS[layer.opcode.name]
+                graph.set_constant(layer, layout.weight_input, weights.astype(np.float32))
+                if np.any(affine.shift):
+                    set_layer_bias(graph, layer, bias)
+                graph.replace_input(layer, layout.data_input, affine.data)
+            graph.remove_op(op)
+            self.rewrote(graph, ctx, labels, f"{op.opcode.name} folded into {len(plans)} following layer(s)")
+            count += 1
+        return count

@@ -1,0 +1,367 @@
+"""Pre-activation BatchNorm (ResNet-V2, DenseNet): move the scale forward, push the shift back.
+
+Math (DESIGN.md 3.3). A BN before a ReLU is ``relu(s * x + t)``. Where every s > 0::
+
+    relu(s * x + t) = s * relu(x + t / s)
+
+1. ``move_scale_forward``: the MUL goes, the ADD keeps its ReLU with the constant t / s, and
+   s is absorbed by every consumer: into the input channels of CONV_2D, DEPTHWISE_CONV_2D,
+   FULLY_CONNECTED, CONV_3D, TRANSPOSE_CONV (exact for any padding, a padded zero stays zero),
+   also through ops that commute with a positive per-channel scale (MAX_POOL_2D,
+   AVERAGE_POOL_2D, MEAN over spatial axes, PAD with zeros, RESHAPE keeping the channel axis).
+   Without a ReLU (``s * x + t`` before a padded conv) the same holds for any s != 0:
+   s * x + t = s * (x + t / s). A ReLU fused in the MUL alone: relu(s * x) = s * relu(x).
+2. ``push_shift_backward``: an ADD of a per-channel constant d (with ReLU or none) disappears
+   when x + d can be produced upstream: d is added to the bias of the layer producing x, also
+   through a residual ADD (into one branch) and MAX_POOL_2D / AVERAGE_POOL_2D (which commute
+   with a per-channel shift) or a channel CONCATENATION (slice by slice). Every other consumer
+   of a shifted tensor is compensated exactly: a residual ADD subtracts d from the layer bias
+   on its other branch, a following BN's ADD constant takes -s2 * d, an unpadded conv's bias
+   takes -W . d; pools pass the compensation on to their consumers. A shift never crosses a
+   zero PAD (the padded border would change). The ADD becomes a plain RELU (or vanishes).
+
+What cannot be proven exact stays, and the report says which BN, which step and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..graph import Graph
+from ..model import Table
+from .base import Context, Decline, Rule
+from .forward import plan_consumer
+from .predicates import (
+    LAYERS,
+    Affine,
+    affine_of,
+    fused_activation,
+    is_float_constant,
+    require_finite,
+    require_float32,
+    require_float_constant,
+    spatial_padding_is_zero,
+)
+
+SCALE_COMMUTING = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "MEAN", "PAD", "RESHAPE")
+SHIFT_COMMUTING = ("MAX_POOL_2D", "AVERAGE_POOL_2D")
+MAX_DEPTH = 64
+
+
+@dataclass
+class Plan:
+    """Constant changes to make together once every check has passed."""
+
+    weights: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # new weights per layer
+    bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # added to layer bias
+    constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # added to an ADD constant
+    visited: set[int] = field(default_factory=set)
+
+    def add_bias(self, layer: Table, delta: np.ndarray) -> None:
+        old = self.bias_deltas.get(id(layer), (layer, 0.0))[1]
+        self.bias_deltas[id(layer)] = (layer, old + delta)
+
+    def add_constant(self, op: Table, delta: np.ndarray) -> None:
+        old = self.constant_deltas.get(id(op), (op, 0.0))[1]
+        self.constant_deltas[id(op)] = (op, old + delta)
+
+
+# scale -------------------------------------------------------------------------------------
+def _channel_keeping(graph: Graph, op: Table) -> bool:
+    kind = op.opcode.name
+    x, y = op.inputs[0], op.outputs[0]
+    if graph.shape(x)[-1:] != graph.shape(y)[-1:]:
+        return False
+    if kind == "MEAN":
+        axes = graph.constant(op.inputs[1]).reshape(-1) if graph.is_constant(op.inputs[1]) else None
+        rank = len(graph.shape(x))
+        return axes is not None and all(0 < (a % rank) < rank - 1 for a in axes)
+    if kind == "PAD":
+        if not graph.is_constant(op.inputs[1]):
+            return False
+        paddings = graph.constant(op.inputs[1])
+        return paddings.shape[0] == len(graph.shape(x)) and not np.any(paddings[-1])
+    if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+        return fused_activation(op) in ("NONE", "RELU")
+    return kind == "RESHAPE"
+
+
+def plan_scale(graph: Graph, tensor: int, scale: np.ndarray, plan: Plan, depth: int = 0) -> None:
+    """Plan for every consumer of ``tensor`` to absorb a positive per-channel ``scale``."""
+    if depth > MAX_DEPTH:
+        raise Decline("the scale would travel too far")
+    if graph.is_graph_output(tensor):
+        raise Decline(f"{graph.name(tensor)!r} is a graph output")
+    consumers = graph.consumers_of(tensor)
+    if not consumers:
+        raise Decline(f"{graph.name(tensor)!r} has no consumers")
+    for consumer in consumers:
+        kind = consumer.opcode.name
+        if kind in LAYERS:
+            if id(consumer) in plan.weights:
+                raise Decline(f"{kind} reads the scaled tensor twice")
+            weights, _ = plan_consumer(graph, consumer, Affine(consumer, tensor, scale, np.zeros_like(scale)), tensor)
+            plan.weights[id(consumer)] = (consumer, weights)
+        elif kind in SCALE_COMMUTING and consumer.inputs[0] == tensor and _channel_keeping(graph, consumer):
+            require_float32(graph, consumer.outputs[0], f"{kind} output")
+            plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1)
+        else:
+            raise Decline(f"consumer {kind} of {graph.name(tensor)!r} cannot absorb a per-channel scale")
+
+
+def apply_weights(graph: Graph, plan: Plan) -> None:
+    for layer, weights in plan.weights.values():
+        graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights.astype(np.float32))
+
+
+class MoveScaleForward(Rule):
+    name = "move_scale_forward"
+    summary = "pre-activation BN: relu(s*x+t) = s*relu(x+t/s) for s>0; s goes into the following layers (through pools, MEAN, zero PAD, RESHAPE)"
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        for mul in graph.ops_of_type("MUL"):
+            if not graph.is_alive(mul):
+                continue
+            try:
+                affine = affine_of(graph, mul)
+            except Decline:
+                continue
+            shift_op = self._following_shift(graph, mul)
+            mul_act = fused_activation(mul)
+            if shift_op is None and mul_act != "RELU":
+                continue  # a bare MUL: the forward and backward folds handle it
+            try:
+                labels = self.labels(graph, [mul] + ([shift_op] if shift_op else []))
+                reason = ctx.excluded(graph, mul, *([shift_op] if shift_op else []))
+                if reason:
+                    raise Decline(reason)
+                scale = affine.scale
+                relu = mul_act == "RELU" or (shift_op is not None and fused_activation(shift_op) == "RELU")
+                if relu and np.any(scale <= 0):
+                    bad = np.flatnonzero(scale <= 0)
+                    raise Decline(f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}), so it cannot pass the RELU")
+                if np.any(scale == 0):
+                    raise Decline("scale is zero in some channel")
+                plan = Plan()
+                if shift_op is None:
+                    plan_scale(graph, mul.outputs[0], scale, plan)
+                else:
+                    shift = affine_of(graph, shift_op).shift
+                    new_shift = shift / scale
+                    require_finite(new_shift)
+                    plan_scale(graph, shift_op.outputs[0], scale, plan)
+            except Decline as decline:
+                self.declined(graph, ctx, shift_op or mul, f"scale {graph.name(mul.outputs[0])!r} not moved forward: {decline}")
+                continue
+            apply_weights(graph, plan)
+            if shift_op is None:
+                graph.set_op_type(mul, "RELU", 1)
+                mul.builtinOptions = None
+                graph.replace_input(mul, 0, affine.data)
+                graph.replace_input(mul, 1, -1)
+                mul.inputs = [affine.data]
+            else:
+                from .chain import make_linear
+
+                make_linear(graph, shift_op, "ADD", affine.data, new_shift, shift_op.builtinOptions.fusedActivationFunction)
+                graph.remove_op(mul)
+            self.rewrote(graph, ctx, labels, f"scale moved into {len(plan.weights)} following layer(s)")
+            count += 1
+        return count
+
+    @staticmethod
+    def _following_shift(graph: Graph, mul: Table) -> Table | None:
+        """The ADD/SUB by a constant that alone consumes a MUL without activation."""
+        if fused_activation(mul) != "NONE" or graph.is_graph_output(mul.outputs[0]):
+            return None
+        users = graph.consumers_of(mul.outputs[0])
+        if len(users) != 1 or users[0].opcode.name not in ("ADD", "SUB"):
+            return None
+        try:
+            affine = affine_of(graph, users[0])
+        except Decline:
+            return None
+        if np.any(affine.scale != 1) or fused_activation(users[0]) not in ("NONE", "RELU"):
+            return None
+        return users[0]
+
+
+# shift -------------------------------------------------------------------------------------
+def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int = 0) -> None:
+    """Plan for ``tensor`` to become tensor + delta, with every consumer but ``exclude`` compensated."""
+    if depth > MAX_DEPTH:
+        raise Decline("the shift would travel too far")
+    if tensor in plan.visited:
+        raise Decline(f"the shift reaches {graph.name(tensor)!r} twice")
+    plan.visited.add(tensor)
+    producer = graph.producer_of(tensor)
+    if producer is None:
+        raise Decline(f"{graph.name(tensor)!r} is a graph input or constant")
+    kind = producer.opcode.name
+    if fused_activation(producer) not in ("NONE",) and producer.get("builtinOptions") is not None and "fusedActivationFunction" in producer.builtinOptions.fields():
+        raise Decline(f"{kind} producing {graph.name(tensor)!r} has fused {fused_activation(producer)}")
+    if kind in LAYERS:
+        require_float32(graph, tensor, f"{kind} output")
+        require_float_constant(graph, producer.inputs[LAYERS[kind].weight_input], "weights")
+        plan.add_bias(producer, delta)
+    elif kind in ("ADD", "SUB") and all(t >= 0 and not graph.is_constant(t) for t in producer.inputs):
+        # a residual sum: shift one branch (SUB: only its first operand)
+        branches = producer.inputs[:1] if kind == "SUB" else sorted(producer.inputs, key=lambda t: _branch_preference(graph, t))
+        errors = []
+        for branch in branches:
+            trial = _copy_plan(plan)
+            try:
+                push_shift(graph, branch, delta, trial, producer, depth + 1)
+            except Decline as decline:
+                errors.append(str(decline))
+                continue
+            _adopt(plan, trial)
+            break
+        else:
+            raise Decline(f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(errors)})")
+    elif kind in ("ADD", "SUB") and len(producer.inputs) == 2 and any(graph.is_constant(t) for t in producer.inputs):
+        affine = affine_of(graph, producer)
+        plan.add_constant(producer, delta)
+        if np.any(affine.scale != 1):
+            raise Decline("SUB from a constant")
+    elif kind in SHIFT_COMMUTING:
+        push_shift(graph, producer.inputs[0], delta, plan, producer, depth + 1)
+    elif kind == "CONCATENATION":
+        _push_through_concat(graph, producer, tensor, delta, plan, depth)
+    elif kind in ("PAD", "PADV2"):
+        raise Decline(f"the shift cannot cross the zero PAD {graph.name(tensor)!r}: the padded border would change")
+    else:
+        raise Decline(f"{kind} producing {graph.name(tensor)!r} cannot take a shift")
+    compensate(graph, tensor, delta, plan, exclude, depth + 1)
+
+
+def _branch_preference(graph: Graph, tensor: int) -> int:
+    producer = graph.producer_of(tensor)
+    if producer is not None and producer.opcode.name in LAYERS and len(graph.consumers_of(tensor)) == 1:
+        return 0
+    return 1
+
+
+def _push_through_concat(graph: Graph, concat: Table, tensor: int, delta: np.ndarray, plan: Plan, depth: int) -> None:
+    rank = len(graph.shape(tensor))
+    if concat.builtinOptions.axis % rank != rank - 1 or fused_activation(concat) != "NONE":
+        raise Decline("CONCATENATION is not along the channel axis")
+    start = 0
+    for part in concat.inputs:
+        width = graph.shape(part)[-1]
+        piece = delta[start : start + width]
+        start += width
+        if np.any(piece):
+            push_shift(graph, part, piece, plan, concat, depth + 1)
+
+
+def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int) -> None:
+    """``tensor`` now carries +delta: keep every consumer but ``exclude`` computing what it did."""
+    if graph.is_graph_output(tensor):
+        raise Decline(f"the shifted tensor {graph.name(tensor)!r} is a graph output")
+    for consumer in graph.consumers_of(tensor):
+        if consumer is exclude:
+            continue
+        kind = consumer.opcode.name
+        others = [t for t in consumer.inputs if t != tensor]
+        if kind in ("ADD", "SUB") and len(consumer.inputs) == 2 and others and not graph.is_constant(others[0]):
+            # a residual sum: take delta back out of the other branch
+            sign = -1.0 if kind == "ADD" else 1.0  # a - (b + d) and (a + d) - b both need b + d
+            push_shift(graph, others[0], sign * delta, plan, consumer, depth + 1)
+        elif kind in ("ADD", "SUB") and len(others) == 1 and graph.is_constant(others[0]):
+            affine = affine_of(graph, consumer)
+            if np.any(affine.scale != 1):
+                raise Decline("SUB from a constant reads the shifted tensor")
+            plan.add_constant(consumer, -delta)
+        elif kind == "MUL" and len(others) == 1 and is_float_constant(graph, others[0]) and fused_activation(consumer) == "NONE":
+            affine = affine_of(graph, consumer)
+            compensate(graph, consumer.outputs[0], affine.scale * delta, plan, None, depth + 1)
+        elif kind in SHIFT_COMMUTING and fused_activation(consumer) == "NONE":
+            compensate(graph, consumer.outputs[0], delta, plan, None, depth + 1)
+        elif kind in LAYERS and kind != "TRANSPOSE_CONV" and consumer.inputs[LAYERS[kind].data_input] == tensor:
+            if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, consumer):
+                raise Decline(f"{kind} reading {graph.name(tensor)!r} pads its input, so a shift cannot be compensated there")
+            _, bias = plan_consumer(graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor)
+            weights = require_float_constant(graph, consumer.inputs[LAYERS[kind].weight_input], "weights")
+            from .backward import layer_bias
+
+            plan.add_bias(consumer, bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]))
+        else:
+            raise Decline(f"consumer {kind} of the shifted tensor {graph.name(tensor)!r} cannot be compensated")
+
+
+def _copy_plan(plan: Plan) -> Plan:
+    return Plan(dict(plan.weights), dict(plan.bias_deltas), dict(plan.constant_deltas), set(plan.visited))
+
+
+def _adopt(plan: Plan, trial: Plan) -> None:
+    plan.weights, plan.bias_deltas, plan.constant_deltas, plan.visited = trial.weights, trial.bias_deltas, trial.constant_deltas, trial.visited
+
+
+def apply_deltas(graph: Graph, plan: Plan) -> None:
+    from .backward import layer_bias, set_layer_bias
+
+    for layer, delta in plan.bias_deltas.values():
+        weights = graph.constant(layer.inputs[LAYERS[layer.opcode.name].weight_input])
+        channels = weights.shape[LAYERS[layer.opcode.name].output_channel_axis]
+        bias = layer_bias(graph, layer, channels) + delta
+        require_finite(bias)
+        set_layer_bias(graph, layer, bias)
+    for op, delta in plan.constant_deltas.values():
+        affine = affine_of(graph, op)
+        from .chain import make_linear
+
+        new = affine.shift + delta
+        require_finite(new)
+        make_linear(graph, op, "ADD", affine.data, new, op.builtinOptions.fusedActivationFunction)
+
+
+class PushShiftBackward(Rule):
+    name = "push_shift_backward"
+    summary = "an ADD of a per-channel constant (with or without RELU) goes into the biases upstream, across residual ADDs, pools and concats, compensated exactly on the other consumers"
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        for op in graph.ops_of_type("ADD", "SUB"):
+            if not graph.is_alive(op):
+                continue
+            try:
+                affine = affine_of(graph, op)
+            except Decline:
+                continue
+            if np.any(affine.scale != 1) or fused_activation(op) not in ("NONE", "RELU"):
+                continue
+            producer = graph.producer_of(affine.data)
+            if producer is None:
+                continue
+            try:
+                reason = ctx.excluded(graph, op)
+                if reason:
+                    raise Decline(reason)
+                if graph.is_graph_output(op.outputs[0]) and fused_activation(op) == "NONE":
+                    raise Decline(f"{graph.name(op.outputs[0])!r} is a graph output")
+                plan = Plan()
+                push_shift(graph, affine.data, affine.shift, plan, op)
+                # check the whole plan computes finite constants before changing anything
+                for layer, delta in plan.bias_deltas.values():
+                    require_finite(np.asarray(delta, dtype=np.float64))
+            except Decline as decline:
+                self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")
+                continue
+            labels = self.labels(graph, [op])
+            apply_deltas(graph, plan)
+            if fused_activation(op) == "RELU":
+                graph.set_op_type(op, "RELU", 1)
+                op.builtinOptions = None
+                constant_position = 1 if op.inputs[0] == affine.data else 0
+                graph.replace_input(op, constant_position, -1)
+                op.inputs = [affine.data]
+            else:
+                graph.replace_uses(op.outputs[0], affine.data)
+                graph.remove_op(op)
+            self.rewrote(graph, ctx, labels, f"shift pushed into {len(plan.bias_deltas)} bias(es) upstream, {len(plan.constant_deltas)} constant(s) compensated")
+            count += 1
+        return count
