@@ -148,7 +148,12 @@ def build_model(recipe: dict[str, Any]) -> Model:
                 zeroPoint=np.asarray(q.get("zero_point", [0] * len(q.get("scale", []))), dtype=np.int64),
                 quantizedDimension=int(q.get("quantized_dimension", 0)),
             )
-        if "filler" in operand:
+        if "same_buffer_as" in operand:  # two tensors on one buffer, as converters emit for equal constants
+            other = operand["same_buffer_as"]
+            if other not in index:
+                raise RecipeError(f"{where}.same_buffer_as: unknown (or later) operand {other!r}")
+            tensor.buffer = tensors[index[other]].buffer
+        elif "filler" in operand:
             value = fill(operand["filler"], shape, NUMPY_DTYPES[type_name], seed * 1000 + i, where)
             tensor.buffer = model.add_buffer(value)
         index[name] = len(tensors)

@@ -301,22 +301,34 @@ def _adopt(plan: Plan, trial: Plan) -> None:
     plan.weights, plan.bias_deltas, plan.constant_deltas, plan.visited = trial.weights, trial.bias_deltas, trial.constant_deltas, trial.visited
 
 
-def apply_deltas(graph: Graph, plan: Plan) -> None:
-    from .backward import layer_bias, set_layer_bias
+def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]:
+    """The new bias and ADD constants a plan makes, checked finite, before anything changes."""
+    from .backward import layer_bias
 
+    changes = []
     for layer, delta in plan.bias_deltas.values():
         weights = graph.constant(layer.inputs[LAYERS[layer.opcode.name].weight_input])
         channels = weights.shape[LAYERS[layer.opcode.name].output_channel_axis]
         bias = layer_bias(graph, layer, channels) + delta
         require_finite(bias)
-        set_layer_bias(graph, layer, bias)
+        changes.append(("bias", layer, bias))
     for op, delta in plan.constant_deltas.values():
-        affine = affine_of(graph, op)
-        from .chain import make_linear
+        shift = affine_of(graph, op).shift + delta
+        require_finite(shift)
+        changes.append(("shift", op, shift))
+    return changes
 
-        new = affine.shift + delta
-        require_finite(new)
-        make_linear(graph, op, "ADD", affine.data, new, op.builtinOptions.fusedActivationFunction)
+
+def apply_changes(graph: Graph, changes: list[tuple[str, Table, np.ndarray]]) -> None:
+    from .backward import set_layer_bias
+    from .chain import make_linear
+
+    for kind, op, value in changes:
+        if kind == "bias":
+            set_layer_bias(graph, op, value)
+        else:
+            data = affine_of(graph, op).data
+            make_linear(graph, op, "ADD", data, value, op.builtinOptions.fusedActivationFunction)
 
 
 class PushShiftBackward(Rule):
@@ -345,14 +357,12 @@ class PushShiftBackward(Rule):
                     raise Decline(f"{graph.name(op.outputs[0])!r} is a graph output")
                 plan = Plan()
                 push_shift(graph, affine.data, affine.shift, plan, op)
-                # check the whole plan computes finite constants before changing anything
-                for layer, delta in plan.bias_deltas.values():
-                    require_finite(np.asarray(delta, dtype=np.float64))
+                changes = materialize(graph, plan)
             except Decline as decline:
                 self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")
                 continue
             labels = self.labels(graph, [op])
-            apply_deltas(graph, plan)
+            apply_changes(graph, changes)
             if fused_activation(op) == "RELU":
                 graph.set_op_type(op, "RELU", 1)
                 op.builtinOptions = None
