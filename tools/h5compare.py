@@ -62,9 +62,10 @@ def compare_tensors(expected: np.ndarray, actual: np.ndarray, rtol: float, atol:
     with np.errstate(invalid="ignore"):
         diff = np.abs(e - a)
         bad = ~np.isclose(a, e, rtol=rtol, atol=tolerance, equal_nan=True)
-    worst_index = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), -1, diff))), diff.shape)
+    finite_diff = np.where(np.isnan(diff), -1.0, diff)
+    worst_index = np.unravel_index(int(np.argmax(finite_diff)), diff.shape)
     text = (
-        f"max |diff| {float(np.nanmax(diff)):.3g} at {tuple(int(i) for i in worst_index)} "
+        f"max |diff| {float(finite_diff.max()) if finite_diff.max() >= 0 else float('nan'):.3g} at {tuple(int(i) for i in worst_index)} "
         f"(expected {e[worst_index]:.6g}, got {a[worst_index]:.6g}); "
         f"{int(np.count_nonzero(bad))} of {diff.size} outside rtol {rtol:g} atol {tolerance:.3g}"
     )

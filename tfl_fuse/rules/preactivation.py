@@ -346,9 +346,6 @@ class PushShiftBackward(Rule):
                 continue
             if np.any(affine.scale != 1) or fused_activation(op) not in ("NONE", "RELU"):
                 continue
-            producer = graph.producer_of(affine.data)
-            if producer is None:
-                continue
             try:
                 reason = ctx.excluded(graph, op)
                 if reason:
