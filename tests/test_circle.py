@@ -5,7 +5,6 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 import pytest
-from circle_schema import circle
 
 import tfl_fuse
 from tfl_fuse import fb, verify

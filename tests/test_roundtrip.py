@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flatbuffers
 import kerasmodels
 import numpy as np
 import pytest

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from tfl_fuse import fb
 from tfl_fuse.graph import NUMPY_DTYPES
-from tfl_fuse.model import Model, OpCode, Table
+from tfl_fuse.model import Model, Table
 from tfl_fuse.rules.predicates import ACTIVATIONS, PADDING_SAME, PADDING_VALID
 
 OPTIONS_TABLE = {

@@ -120,6 +120,8 @@ class FoldIntoFollowingLayers(Rule):
             consumers = graph.consumers_of(out)
             if not consumers or not any(c.opcode.name in LAYERS for c in consumers):
                 continue
+            if fused_activation(op) != "NONE":
+                continue  # relu(s*x+t) is the pre-activation rules' pattern
             try:
                 affine = affine_of(graph, op)
             except Decline:

@@ -245,9 +245,25 @@ def _branch_preference(graph: Graph, tensor: int) -> int:
     return 1
 
 
+def _is_channel_concat(graph: Graph, concat: Table) -> bool:
+    rank = len(graph.shape(concat.outputs[0]))
+    return rank > 0 and concat.builtinOptions.axis % rank == rank - 1 and fused_activation(concat) == "NONE"
+
+
+def _concat_delta(graph: Graph, concat: Table, tensor: int, delta: np.ndarray) -> np.ndarray:
+    """The shift a channel CONCATENATION's output carries when its input ``tensor`` carries ``delta``."""
+    out = np.zeros(graph.shape(concat.outputs[0])[-1])
+    start = 0
+    for part in concat.inputs:
+        width = graph.shape(part)[-1]
+        if part == tensor:
+            out[start : start + width] += delta
+        start += width
+    return out
+
+
 def _push_through_concat(graph: Graph, concat: Table, tensor: int, delta: np.ndarray, plan: Plan, depth: int) -> None:
-    rank = len(graph.shape(tensor))
-    if concat.builtinOptions.axis % rank != rank - 1 or fused_activation(concat) != "NONE":
+    if not _is_channel_concat(graph, concat):
         raise Decline("CONCATENATION is not along the channel axis")
     start = 0
     for part in concat.inputs:
@@ -281,6 +297,8 @@ def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
             compensate(graph, consumer.outputs[0], affine.scale * delta, plan, None, depth + 1)
         elif kind in SHIFT_COMMUTING and fused_activation(consumer) == "NONE":
             compensate(graph, consumer.outputs[0], delta, plan, None, depth + 1)
+        elif kind == "CONCATENATION" and _is_channel_concat(graph, consumer):
+            compensate(graph, consumer.outputs[0], _concat_delta(graph, consumer, tensor, delta), plan, None, depth + 1)
         elif kind in LAYERS and kind != "TRANSPOSE_CONV" and consumer.inputs[LAYERS[kind].data_input] == tensor:
             if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, consumer):
                 raise Decline(f"{kind} reading {graph.name(tensor)!r} pads its input, so a shift cannot be compensated there")
@@ -289,6 +307,11 @@ def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
             from .backward import layer_bias
 
             plan.add_bias(consumer, bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]))
+        elif kind in ("RELU", "RELU6", "RELU_N1_TO_1"):
+            raise Decline(
+                f"{kind} {graph.name(consumer.outputs[0])!r} also reads {graph.name(tensor)!r} "
+                "(a BN whose own shift already went upstream), and an activation cannot be compensated"
+            )
         else:
             raise Decline(f"consumer {kind} of the shifted tensor {graph.name(tensor)!r} cannot be compensated")
 
@@ -354,6 +377,8 @@ class PushShiftBackward(Rule):
                     raise Decline(f"{graph.name(op.outputs[0])!r} is a graph output")
                 plan = Plan()
                 push_shift(graph, affine.data, affine.shift, plan, op)
+                if id(op) in plan.constant_deltas:
+                    raise Decline("the compensation would reach this ADD itself")
                 changes = materialize(graph, plan)
             except Decline as decline:
                 self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")

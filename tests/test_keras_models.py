@@ -1,0 +1,152 @@
+"""Whole Keras models and small Keras cases converted with tensorflow-cpu: op counts and LiteRT outputs.
+
+Every BatchNormalization gets random statistics (kerasmodels.randomize_batchnorm), so a wrong fold
+shows in the outputs. Logits are compared (classifier_activation=None) with rtol 1e-4.
+"""
+
+from __future__ import annotations
+
+import kerasmodels
+import pytest
+
+import tfl_fuse
+from tfl_fuse import fb, verify
+from tfl_fuse.graph import Graph
+
+pytestmark = pytest.mark.slow
+RTOL = 1e-4
+
+
+def optimize(path):
+    data = path.read_bytes()
+    out, report = tfl_fuse.optimize(data)
+    return data, bytes(out), report
+
+
+def assert_outputs_match(original: bytes, optimized: bytes, rtol: float = RTOL) -> float:
+    result = verify.compare_models(original, optimized, rtol=rtol)
+    assert result["match"], result["summary"]
+    return max(result["max_abs_diff"].values())
+
+
+def residual_adds(model_bytes: bytes) -> tuple[int, list[str]]:
+    """(ADDs of two computed tensors, output names of ADDs with a constant operand)."""
+    graph = Graph(fb.decode(model_bytes), 0)
+    residual, constant = 0, []
+    for op in graph.ops_of_type("ADD"):
+        if any(graph.is_constant(t) for t in op.inputs):
+            constant.append(graph.name(op.outputs[0]))
+        else:
+            residual += 1
+    return residual, constant
+
+
+def explained(report, names):
+    declined_where = " ".join(d["where"] for d in report["declined"])
+    return [n for n in names if n not in declined_where]
+
+
+@pytest.mark.parametrize("name, residual", [("ResNet50V2", 16), ("ResNet101V2", 33)])
+def test_resnet_v2_folds_all_preactivation_bn(name, residual):
+    path = kerasmodels.application(name, input_shape=(64, 64, 3), classifier_activation=None)
+    data, out, report = optimize(path)
+    assert report["ops_before"]["MUL"] == {16: 17, 33: 34}[residual]
+    assert report["ops_after"].get("MUL", 0) == 0
+    n_residual, constant_adds = residual_adds(out)
+    assert n_residual == residual
+    assert len(constant_adds) <= 1  # the BN after the stem's zero PAD + MAX_POOL
+    assert explained(report, constant_adds) == []
+    assert any("zero PAD" in d["reason"] for d in report["declined"])
+    assert_outputs_match(data, out)
+
+
+def test_densenet121_folds_every_mul_and_explains_every_add():
+    path = kerasmodels.application("DenseNet121", input_shape=(64, 64, 3), classifier_activation=None)
+    data, out, report = optimize(path)
+    assert report["ops_before"]["MUL"] == 62
+    assert report["ops_after"].get("MUL", 0) == 0
+    n_residual, constant_adds = residual_adds(out)
+    assert n_residual == 0 and len(constant_adds) == report["ops_after"].get("ADD", 0)
+    assert explained(report, constant_adds) == []
+    assert_outputs_match(data, out)
+
+
+@pytest.mark.parametrize("name", ["ResNet50V2", "DenseNet121"])
+def test_negative_gammas_still_match_and_are_reported(name):
+    path = kerasmodels.application(name, input_shape=(64, 64, 3), negative_fraction=0.1, classifier_activation=None, seed=1)
+    data, out, report = optimize(path)
+    assert_outputs_match(data, out)
+    left = report["ops_after"].get("MUL", 0)
+    assert left > 0
+    not_positive = [d for d in report["declined"] if "not positive" in d["reason"]]
+    assert len(not_positive) >= left
+    assert all("bn" in d["where"] for d in not_positive)
+
+
+def keras():
+    return kerasmodels.tf().keras
+
+
+def small_bn_conv(padding):
+    def make():
+        k = keras()
+        inp = k.Input((12, 12, 4))
+        x = k.layers.BatchNormalization()(inp)
+        return k.Model(inp, k.layers.Conv2D(6, 3, padding=padding)(x))
+
+    return make
+
+
+def small_conv_relu_bn():
+    k = keras()
+    inp = k.Input((12, 12, 3))
+    x = k.layers.Conv2D(6, 3, padding="same", activation="relu")(inp)
+    x = k.layers.BatchNormalization()(x)
+    return k.Model(inp, k.layers.Conv2D(4, 1)(x))
+
+
+def small_concat_bn_relu_conv():
+    k = keras()
+    inp = k.Input((12, 12, 3))
+    a = k.layers.Conv2D(4, 3, padding="same")(inp)
+    b = k.layers.Conv2D(2, 1)(inp)
+    x = k.layers.Concatenate()([a, b])
+    x = k.layers.ReLU()(k.layers.BatchNormalization()(x))
+    return k.Model(inp, k.layers.Conv2D(5, 1)(x))
+
+
+def small_dense_relu_bn_dense():
+    k = keras()
+    inp = k.Input((10,))
+    x = k.layers.Dense(8, activation="relu")(inp)
+    x = k.layers.BatchNormalization()(x)
+    return k.Model(inp, k.layers.Dense(3)(x))
+
+
+def small_conv3d_bn():
+    k = keras()
+    inp = k.Input((4, 6, 6, 2))
+    x = k.layers.Conv3D(4, 3, padding="same")(inp)
+    return k.Model(inp, k.layers.BatchNormalization()(x))
+
+
+@pytest.mark.parametrize(
+    "name, make, mul_after, add_after",
+    [
+        ("bn_conv_valid", small_bn_conv("valid"), 0, 0),
+        ("bn_conv_same", small_bn_conv("same"), 0, 1),
+        ("conv_relu_bn", small_conv_relu_bn, 0, 0),
+        ("concat_bn_relu_conv", small_concat_bn_relu_conv, 0, 0),
+        ("dense_relu_bn_dense", small_dense_relu_bn_dense, 0, 0),
+        ("conv3d_bn", small_conv3d_bn, 0, 0),
+    ],
+)
+def test_small_keras_cases(name, make, mul_after, add_after):
+    data, out, report = optimize(kerasmodels.small(name, make))
+    assert report["ops_before"].get("MUL", 0) >= 1, "the converter should have left the BN"
+    assert report["ops_after"].get("MUL", 0) == mul_after
+    assert report["ops_after"].get("ADD", 0) == add_after
+    if add_after:
+        _, constant_adds = residual_adds(out)
+        assert explained(report, constant_adds) == []
+    assert_outputs_match(data, out)
