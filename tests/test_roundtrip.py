@@ -119,3 +119,16 @@ def test_shared_buffers_stay_shared():
                 users.setdefault(t.buffer, []).append(t.name)
         return sorted(sorted(v) for v in users.values() if len(v) > 1)
     assert sharing(model) == sharing(original)
+
+
+def test_file_writer_streams_the_same_bytes(tmp_path):
+    """The CLI path (mapped input, buffer data sent file to file) writes what optimize() returns."""
+    path = kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3))
+    expected = bytes(tfl_fuse.optimize(path.read_bytes())[0])
+    out = tmp_path / "out.tflite"
+    tfl_fuse.optimize_file(path, out)
+    assert out.read_bytes() == expected
+    same = tmp_path / "same.tflite"
+    same.write_bytes(path.read_bytes())
+    tfl_fuse.optimize_file(same, same)  # IN == OUT
+    assert same.read_bytes() == expected

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from . import __version__, rules
-from .api import VerificationError, optimize, read_model_file, write_atomically
+from .api import VerificationError, open_model_file, optimize_image, write_atomically
 from .formats import FORMATS, for_path
 from .model import ModelError
 
@@ -107,24 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         suffix_format = for_path(args.output)
         output_format = suffix_format.name if suffix_format else None
     try:
-        data = read_model_file(args.input)
-        out, report = optimize(data, chosen, _names(args.disable), args.exclude, output_format, verify=args.verify)
-    except VerificationError as error:
-        report = {"verify": error.result}
-        _emit_report(args, report)
-        return _fail(str(error), EXIT_MISMATCH)
+        with open_model_file(args.input) as (data, source_fd):
+            try:
+                image, report = optimize_image(data, chosen, _names(args.disable), args.exclude, output_format, verify=args.verify)
+            except VerificationError as error:
+                _emit_report(args, {"verify": error.result})
+                return _fail(str(error), EXIT_MISMATCH)
+            if not args.dry_run:
+                try:
+                    write_atomically(args.output, image, source_fd)
+                except OSError as error:
+                    return _fail(f"cannot write {args.output}: {error.strerror or error}")
     except ModelError as error:
         return _fail(f"{args.input}: {error}")
     except (MemoryError, RecursionError) as error:
         return _fail(f"{args.input}: cannot process the model ({type(error).__name__})")
     except Exception as error:  # noqa: BLE001 - a bug must still end in one line and exit 1
         return _fail(f"{args.input}: internal error, please report it: {type(error).__name__}: {error}")
-
-    if not args.dry_run:
-        try:
-            write_atomically(args.output, out)
-        except OSError as error:
-            return _fail(f"cannot write {args.output}: {error.strerror or error}")
     report["output"] = None if args.dry_run else str(args.output)
     _emit_report(args, report)
     if args.verbose:

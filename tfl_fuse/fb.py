@@ -11,6 +11,8 @@ name (which is also how circle <-> tflite conversion works), packs buffer data i
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -84,6 +86,7 @@ def decode(data: bytes | bytearray | memoryview) -> Model:
     except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
         raise ModelError(f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})") from None
     model = _model_from_objects(obj, fmt, data)
+    _record_source_offsets(accessor, model)
     for subgraph, data_format in zip(model.subgraphs, data_formats):
         if data_format:
             subgraph.dataFormat = data_format
@@ -91,6 +94,18 @@ def decode(data: bytes | bytearray | memoryview) -> Model:
 
     validate(model)
     return model
+
+
+def _record_source_offsets(accessor: Any, model: Model) -> None:
+    """Remember where each buffer's data lies in the input, so the writer can copy it file to file."""
+    for i, buffer in enumerate(model.buffers):
+        if buffer.data is None:
+            continue
+        table = accessor.Buffers(i)._tab
+        offset = table.Offset(4)
+        if offset:
+            buffer._source_offset = table.Vector(offset)
+            buffer._source_data = buffer.data
 
 
 def _read_circle_data_formats(accessor: Any) -> list[int]:
@@ -222,12 +237,64 @@ class _Encoder:
         return obj
 
 
-class _PackedBuffer:
-    """A Buffer table whose data is packed 16-byte aligned with a single copy."""
+HOLE_MIN_BYTES = 4096  # buffer data at least this large is referenced, not copied, until written
 
-    def __init__(self, fmt: Format, data: np.ndarray | None) -> None:
+
+class Encoded:
+    """An encoded model: the builder's image, whose large buffer data are "holes" filled on output.
+
+    Writing fills each hole from its numpy array, or straight from the input file
+    (``os.sendfile``) when the data is unchanged input, so the output never needs a second
+    in-memory copy of the weights.
+    """
+
+    def __init__(self, image: memoryview, holes: list[tuple[int, np.ndarray, int | None]]) -> None:
+        self.image = image
+        self.holes = sorted(holes, key=lambda hole: hole[0])
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def tobytes(self) -> bytes:
+        out = bytearray(self.image)
+        for position, data, _ in self.holes:
+            out[position : position + len(data)] = memoryview(data).cast("B")
+        return bytes(out)
+
+    def write(self, fd: int, source_fd: int | None = None) -> None:
+        position = 0
+        for start, data, source_offset in self.holes:
+            _write_all(fd, self.image[position:start])
+            if source_offset is not None and source_fd is not None:
+                _send_all(fd, source_fd, source_offset, len(data))
+            else:
+                _write_all(fd, memoryview(data).cast("B"))
+            position = start + len(data)
+        _write_all(fd, self.image[position:])
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        view = view[os.write(fd, view):]
+
+
+def _send_all(fd: int, source_fd: int, offset: int, count: int) -> None:
+    while count:
+        sent = os.sendfile(fd, source_fd, offset, count)
+        if sent <= 0:
+            raise OSError("sendfile wrote nothing")
+        offset += sent
+        count -= sent
+
+
+class _PackedBuffer:
+    """A Buffer table whose data is 16-byte aligned; large data is reserved, filled on output."""
+
+    def __init__(self, fmt: Format, data: np.ndarray | None, source_offset: int | None, holes: list) -> None:
         self.fmt = fmt
         self.data = data
+        self.source_offset = source_offset
+        self.holes = holes
 
     def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - object-API protocol
         data_offset = None
@@ -235,11 +302,13 @@ class _PackedBuffer:
             size = len(self.data)
             builder.StartVector(1, size, BUFFER_ALIGNMENT)
             builder.head -= size
-            builder.Bytes[builder.head : builder.head + size] = memoryview(self.data).cast("B")
+            if size >= HOLE_MIN_BYTES:
+                self.holes.append((len(builder.Bytes) - builder.head, self.data, self.source_offset))
+            else:
+                builder.Bytes[builder.head : builder.head + size] = memoryview(self.data).cast("B")
             builder.vectorNumElems = size
             data_offset = builder.EndVector()
-        start = self.fmt.function("Buffer", "BufferStart")
-        start(builder)
+        self.fmt.function("Buffer", "BufferStart")(builder)
         if data_offset is not None:
             self.fmt.function("Buffer", "BufferAddData")(builder, data_offset)
         return self.fmt.function("Buffer", "BufferEnd")(builder)
@@ -296,8 +365,13 @@ def _circle_data_format_writer(fmt: Format, values: list[int]) -> Iterator[None]
         module.SubGraphStart = original
 
 
-def encode(model: Model, fmt_name: str | None = None) -> memoryview:
-    """Encode a Model as TFL3 or CIR0 bytes (a view of the builder's buffer, no extra copy)."""
+def encode(model: Model, fmt_name: str | None = None) -> bytes:
+    """Encode a Model as TFL3 or CIR0 bytes."""
+    return encode_image(model, fmt_name).tobytes()
+
+
+def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
+    """Encode a Model; the result references large buffer data instead of copying it."""
     fmt = formats.get(fmt_name or model.format)
     encoder = _Encoder(model, fmt)
     keep, buffer_map = used_buffer_map(model)
@@ -345,22 +419,39 @@ def encode(model: Model, fmt_name: str | None = None) -> memoryview:
     model_object = encoder.table(root, "model")
     model_object.operatorCodes = opcode_objects
     model_object.subgraphs = subgraph_objects
-    model_object.buffers = [_PackedBuffer(fmt, model.buffers[i].data) for i in keep]
+    holes: list[tuple[int, np.ndarray, int | None]] = []
+    model_object.buffers = [_packed(fmt, model.buffers[i], holes) for i in keep]
 
     data_bytes = sum(len(model.buffers[i].data) for i in keep if model.buffers[i].data is not None)
-    estimate = data_bytes + BUFFER_ALIGNMENT * 2 * len(keep) + 4096 + 512 * sum(
+    if data_bytes > MAX_FLATBUFFER_SIZE:
+        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold")
+    # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
+    # and the slack) cost nothing.
+    estimate = data_bytes + 64 * len(keep) + (1 << 20) + 4096 * sum(
         len(sg.tensors) + len(sg.operators) for sg in model.subgraphs
     )
-    if estimate > MAX_FLATBUFFER_SIZE:
-        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold")
-    builder = flatbuffers.Builder(min(estimate, MAX_FLATBUFFER_SIZE))
+    builder = _builder(min(estimate, MAX_FLATBUFFER_SIZE))
     try:
         with _circle_data_format_writer(fmt, [sg.get("dataFormat", 0) for sg in model.subgraphs]):
             offset = model_object.Pack(builder)
         builder.Finish(offset, file_identifier=fmt.identifier)
     except flatbuffers.builder.BuilderSizeError:
         raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold") from None
-    return memoryview(builder.Bytes)[builder.Head() :]
+    total, head = len(builder.Bytes), builder.Head()
+    image = memoryview(builder.Bytes)[head:]
+    return Encoded(image, [(total - from_end - head, data, source) for from_end, data, source in holes])
+
+
+def _builder(size: int) -> flatbuffers.Builder:
+    builder = flatbuffers.Builder(0)
+    builder.Bytes = mmap.mmap(-1, size) if size >= 1 << 20 else bytearray(size)
+    builder.head = size
+    return builder
+
+
+def _packed(fmt: Format, buffer: Table, holes: list) -> _PackedBuffer:
+    unchanged = buffer.get("_source_data") is not None and buffer.data is buffer._source_data
+    return _PackedBuffer(fmt, buffer.data, buffer._source_offset if unchanged else None, holes)
 
 
 def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
