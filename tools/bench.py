@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""`make bench`: tool cost, inference speed-up and fold coverage on Keras models, side by side.
+
+For each model (Keras applications, weights=None, random BatchNorm statistics, converted with
+tensorflow-cpu, cached in build/cache):
+
+* tool cost: wall time and peak RSS of ``python -m tfl_fuse IN OUT`` and of LiteRT's own
+  ``flatbuffer_utils.read_model`` + ``write_model`` round trip on the same file, each in a fresh
+  process (median of 3), plus the in-process time of both (no interpreter start-up or imports);
+* coverage: MUL/ADD/SUB/DIV left by the converter and after tfl_fuse, max |output difference|;
+* inference: LiteRT latency (XNNPACK, 1 and 2 threads, median of N invokes after warm-up,
+  original and optimized interleaved) and the speed-up;
+* scaling: optimize time per 1,000 ops of synthetic chains of conv+BN blocks built by the chef.
+
+Writes bench/results.json, bench/results.md and bench/chart.png. Prints figures; never fails
+on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import kerasmodels  # noqa: E402
+
+import tfl_fuse  # noqa: E402
+from tfl_fuse import fb, verify  # noqa: E402
+
+MODELS = ["ResNet50V2", "ResNet101V2", "ResNet152V2", "DenseNet121", "MobileNetV2", "ResNet50"]
+LINEAR = ("MUL", "ADD", "SUB", "DIV")
+LITERT_ROUND_TRIP = (
+    "import sys\n"
+    "from ai_edge_litert.tools import flatbuffer_utils as f\n"
+    "f.write_model(f.read_model(sys.argv[1]), sys.argv[2])\n"
+)
+
+
+# A small launcher measures the command: a child forked from this (large) process would count
+# the parent's pages in its peak RSS.
+MEASURE = (
+    "import os, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def run_measured(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a command run in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
+    wall, rss, code = result.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{command[:4]} failed: {result.stderr[-500:]}")
+    return float(wall), int(rss)
+
+
+def tool_cost(path: Path, work: Path, repeats: int) -> dict:
+    ours, round_trip, theirs = [], [], []
+    for _ in range(repeats):  # interleaved, so disk and cache state hit all three alike
+        ours.append(run_measured([sys.executable, "-m", "tfl_fuse", str(path), str(work / "ours.tflite"), "-q"]))
+        round_trip.append(run_measured([sys.executable, "-m", "tfl_fuse", str(path), str(work / "rt.tflite"), "-q", "--rules", "none"]))
+        theirs.append(run_measured([sys.executable, "-c", LITERT_ROUND_TRIP, str(path), str(work / "theirs.tflite")]))
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    in_ours, in_theirs = [], []
+    for _ in range(max(repeats, 5)):
+        start = time.perf_counter()
+        tfl_fuse.optimize_file(path, work / "ours_inproc.tflite")
+        in_ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        flatbuffer_utils.write_model(flatbuffer_utils.read_model(str(path)), str(work / "theirs_inproc.tflite"))
+        in_theirs.append(time.perf_counter() - start)
+    size = path.stat().st_size
+    result = {
+        "file_mb": size / 1e6,
+        "ours_s": statistics.median(w for w, _ in ours),
+        "round_trip_s": statistics.median(w for w, _ in round_trip),
+        "theirs_s": statistics.median(w for w, _ in theirs),
+        "ours_rss_mb": max(r for _, r in ours) / 1e6,
+        "theirs_rss_mb": max(r for _, r in theirs) / 1e6,
+        "ours_inproc_s": statistics.median(in_ours),
+        "theirs_inproc_s": statistics.median(in_theirs),
+    }
+    result["ratio_process"] = result["ours_s"] / result["theirs_s"]
+    result["ratio_round_trip"] = result["round_trip_s"] / result["theirs_s"]
+    result["ratio_inproc"] = result["ours_inproc_s"] / result["theirs_inproc_s"]
+    result["rss_over_file"] = result["ours_rss_mb"] * 1e6 / size
+    return result
+
+
+def coverage(path: Path) -> tuple[dict, bytes, bytes]:
+    data = path.read_bytes()
+    out, report = tfl_fuse.optimize(data)
+    comparison = verify.compare_models(data, out, rtol=1e-4, kinds=("normal",))
+    result = {
+        "before": {k: report["ops_before"].get(k, 0) for k in LINEAR},
+        "after": {k: report["ops_after"].get(k, 0) for k in LINEAR},
+        "ops_before": sum(report["ops_before"].values()),
+        "ops_after": sum(report["ops_after"].values()),
+        "max_abs_diff": max(comparison["max_abs_diff"].values()),
+        "match": comparison["match"],
+        "declined": len(report["declined"]),
+    }
+    return result, data, out
+
+
+def latency(original: bytes, optimized: bytes, threads: int, invokes: int) -> dict:
+    interpreters = []
+    for data in (original, optimized):
+        interp = verify.interpreter(data, threads=threads)
+        for detail, value in zip(interp.get_input_details(), verify.random_inputs(interp, 0), strict=True):
+            interp.set_tensor(detail["index"], value)
+        interpreters.append(interp)
+    for _ in range(3):
+        for interp in interpreters:
+            interp.invoke()
+    times: list[list[float]] = [[], []]
+    for _ in range(invokes):
+        for k, interp in enumerate(interpreters):
+            start = time.perf_counter()
+            interp.invoke()
+            times[k].append(time.perf_counter() - start)
+    original_ms = statistics.median(times[0]) * 1e3
+    optimized_ms = statistics.median(times[1]) * 1e3
+    return {"original_ms": original_ms, "optimized_ms": optimized_ms, "speedup": original_ms / optimized_ms}
+
+
+def chain_recipe(blocks: int, channels: int = 8) -> dict:
+    operands = [{"name": "x0", "shape": [1, 4, 4, channels]}]
+    operations = []
+    for i in range(blocks):
+        operands += [
+            {"name": f"k{i}", "shape": [channels, 1, 1, channels], "filler": {"kind": "gaussian", "stddev": 0.3, "seed": i}},
+            {"name": f"b{i}", "shape": [channels], "filler": {"kind": "gaussian", "seed": i}},
+            {"name": f"c{i}", "shape": [1, 4, 4, channels]},
+            {"name": f"s{i}", "shape": [channels], "filler": {"kind": "uniform", "low": 0.9, "high": 1.1, "seed": i}},
+            {"name": f"m{i}", "shape": [1, 4, 4, channels]},
+            {"name": f"t{i}", "shape": [channels], "filler": {"kind": "gaussian", "stddev": 0.1, "seed": i}},
+            {"name": f"x{i + 1}", "shape": [1, 4, 4, channels]},
+        ]
+        operations += [
+            {"type": "CONV_2D", "inputs": [f"x{i}", f"k{i}", f"b{i}"], "outputs": [f"c{i}"], "options": {"padding": "VALID"}},
+            {"type": "MUL", "inputs": [f"c{i}", f"s{i}"], "outputs": [f"m{i}"]},
+            {"type": "ADD", "inputs": [f"m{i}", f"t{i}"], "outputs": [f"x{i + 1}"], "options": {"activation": "RELU"}},
+        ]
+    return {"name": f"chain{blocks}", "inputs": ["x0"], "outputs": [f"x{blocks}"], "operand": operands, "operation": operations}
+
+
+def scaling(sizes: list[int]) -> list[dict]:
+    import chef
+
+    rows = []
+    for blocks in sizes:
+        data = fb.encode(chef.build_model(chain_recipe(blocks)))
+        start = time.perf_counter()
+        _, report = tfl_fuse.optimize(data)
+        seconds = time.perf_counter() - start
+        ops = sum(report["ops_before"].values())
+        rows.append({"blocks": blocks, "ops": ops, "ops_after": sum(report["ops_after"].values()),
+                     "seconds": seconds, "ms_per_1000_ops": seconds * 1e3 / (ops / 1000)})
+    return rows
+
+
+def machine() -> dict:
+    import ai_edge_litert
+    import flatbuffers
+    import tensorflow as tf
+
+    def version(module):
+        return getattr(module, "__version__", "?")
+
+    return {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "numpy": np.__version__, "flatbuffers": version(flatbuffers), "tensorflow": tf.__version__,
+        "ai_edge_litert": version(ai_edge_litert), "tfl_fuse": tfl_fuse.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, numpy {m['numpy']}, tensorflow {m['tensorflow']}, "
+        f"ai-edge-litert {m['ai_edge_litert']}, tfl_fuse {m['tfl_fuse']}; {m['date']}. Reproduce: `make bench`.",
+        "",
+        "Tool cost: each command in a fresh process, median of the runs (start-up and imports included, output",
+        "fsync'ed by tfl_fuse only); in-process: `optimize_file` vs `write_model(read_model())` without start-up.",
+        "",
+        "| model | file MB | tfl_fuse s | tfl_fuse --rules none s | LiteRT read+write s | ratio | round-trip ratio | in-process ratio | tfl_fuse peak RSS MB | x file | LiteRT RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        c = r["cost"]
+        lines.append(
+            f"| {name} | {c['file_mb']:.1f} | {c['ours_s']:.2f} | {c['round_trip_s']:.2f} | {c['theirs_s']:.2f} | {c['ratio_process']:.2f} | "
+            f"{c['ratio_round_trip']:.2f} | {c['ratio_inproc']:.2f} | {c['ours_rss_mb']:.0f} | {c['rss_over_file']:.2f} | {c['theirs_rss_mb']:.0f} |"
+        )
+    per_mb = [(name, r["cost"]["ours_inproc_s"] / r["cost"]["file_mb"] * 100) for name, r in results["models"].items() if "ResNet" in name and "V2" in name]
+    if len(per_mb) > 1:
+        lines += ["", "Linear in model size (in-process tfl_fuse seconds per 100 MB): " + ", ".join(f"{n} {v:.2f}" for n, v in per_mb)]
+    lines += ["", "Coverage and inference (LiteRT, XNNPACK, median latency, original/optimized interleaved):", "",
+              "| model | MUL/ADD/SUB/DIV before | after | ops before -> after | max abs diff | 1 thread ms (orig -> opt) | speed-up | 2 threads ms | speed-up |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        v = r["coverage"]
+        before = "/".join(str(v["before"][k]) for k in LINEAR)
+        after = "/".join(str(v["after"][k]) for k in LINEAR)
+        t1, t2 = r["latency"]["1"], r["latency"]["2"]
+        lines.append(
+            f"| {name} | {before} | {after} | {v['ops_before']} -> {v['ops_after']} | {v['max_abs_diff']:.2e} | "
+            f"{t1['original_ms']:.1f} -> {t1['optimized_ms']:.1f} | {t1['speedup']:.3f} | "
+            f"{t2['original_ms']:.1f} -> {t2['optimized_ms']:.1f} | {t2['speedup']:.3f} |"
+        )
+    lines += ["", "Scaling (synthetic chains of CONV_2D + MUL + ADD blocks built by the chef, in-process optimize):", "",
+              "| blocks | ops | ops after | seconds | ms per 1,000 ops |", "|---|---|---|---|---|"]
+    for row in results["scaling"]:
+        lines.append(f"| {row['blocks']} | {row['ops']} | {row['ops_after']} | {row['seconds']:.2f} | {row['ms_per_1000_ops']:.0f} |")
+    lines += ["", "![latency ratios and op counts](chart.png)", ""]
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    x = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for k, threads in enumerate(("1", "2")):
+        left.bar(x + (k - 0.5) * 0.35, [results["models"][n]["latency"][threads]["speedup"] for n in names], 0.35, label=f"{threads} thread(s)")
+    left.axhline(1.0, color="gray", linewidth=0.8)
+    left.set_xticks(x, names, rotation=20)
+    left.set_ylabel("speed-up (original / optimized latency)")
+    left.set_title("LiteRT XNNPACK latency ratio")
+    left.legend()
+    before = [sum(results["models"][n]["coverage"]["before"].values()) for n in names]
+    after = [sum(results["models"][n]["coverage"]["after"].values()) for n in names]
+    right.bar(x - 0.175, before, 0.35, label="converter output")
+    right.bar(x + 0.175, after, 0.35, label="after tfl_fuse")
+    right.set_xticks(x, names, rotation=20)
+    right.set_ylabel("MUL + ADD + SUB + DIV ops")
+    right.set_title("Elementwise ops left")
+    right.legend()
+    m = results["machine"]
+    fig.suptitle(f"tfl_fuse {m['tfl_fuse']} on {m['cores']} cores, LiteRT {m['ai_edge_litert']}, TF {m['tensorflow']} ({m['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--invokes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chains", default="1000,2000,5000")
+    parser.add_argument("--out", default=str(ROOT / "bench"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "models": {}}
+    with tempfile.TemporaryDirectory() as work_dir:
+        work = Path(work_dir)
+        for name in args.models.split(","):
+            print(f"[bench] {name}: building (cached)", flush=True)
+            path = kerasmodels.application(name, input_shape=(224, 224, 3), classifier_activation=None)
+            cost = tool_cost(path, work, args.repeats)
+            cov, original, optimized = coverage(path)
+            lat = {str(t): latency(original, optimized, t, args.invokes) for t in (1, 2)}
+            results["models"][name] = {"cost": cost, "coverage": cov, "latency": lat}
+            print(f"[bench] {name}: ratio {cost['ratio_process']:.2f} (in-process {cost['ratio_inproc']:.2f}), "
+                  f"RSS {cost['rss_over_file']:.2f}x file, MUL {cov['before']['MUL']}->{cov['after']['MUL']}, "
+                  f"ADD {cov['before']['ADD']}->{cov['after']['ADD']}, speed-up {lat['1']['speedup']:.3f}/{lat['2']['speedup']:.3f}", flush=True)
+    results["scaling"] = scaling([int(n) for n in args.chains.split(",")])
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (out / "results.md").write_text(text)
+    chart(results, out / "chart.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
