@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-CACHE = Path(os.environ.get("TFL_FUSE_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
+CACHE = Path(
+    os.environ.get("TFL_FUSE_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache")
+)
 
 
 def tf():
@@ -63,20 +65,30 @@ def cached(name: str, build: Callable[[], bytes]) -> Path:
     return path
 
 
-def application(name: str, input_shape=(224, 224, 3), negative_fraction: float = 0.0, seed: int = 0, classifier_activation="softmax") -> Path:
+def application(
+    name: str,
+    input_shape=(224, 224, 3),
+    negative_fraction: float = 0.0,
+    seed: int = 0,
+    classifier_activation="softmax",
+) -> Path:
     """A keras.applications model (weights=None) with random BN statistics, as .tflite."""
     tag = f"{name}-{'x'.join(map(str, input_shape))}-neg{negative_fraction}-s{seed}-{classifier_activation}.tflite"
 
     def build() -> bytes:
         constructor = getattr(tf().keras.applications, name)
-        model = constructor(weights=None, input_shape=input_shape, classifier_activation=classifier_activation)
+        model = constructor(
+            weights=None, input_shape=input_shape, classifier_activation=classifier_activation
+        )
         randomize_batchnorm(model, seed, negative_fraction)
         return convert(model)
 
     return cached(tag, build)
 
 
-def small(name: str, make_model: Callable[[], object], seed: int = 0, negative_fraction: float = 0.0) -> Path:
+def small(
+    name: str, make_model: Callable[[], object], seed: int = 0, negative_fraction: float = 0.0
+) -> Path:
     """A small Keras model from ``make_model()`` with random BN statistics, cached by ``name``."""
 
     def build() -> bytes:

@@ -35,7 +35,9 @@ def run_cli(capsys, args):
     return code, captured.err
 
 
-def assert_refused(capsys, tmp_path, data: bytes | None, expect: str, existing: bytes | None = None):
+def assert_refused(
+    capsys, tmp_path, data: bytes | None, expect: str, existing: bytes | None = None
+):
     src = tmp_path / "in.tflite"
     if data is not None:
         src.write_bytes(data)
@@ -79,7 +81,9 @@ def test_random_bytes_with_a_valid_identifier(capsys, tmp_path, seed):
 
 
 def test_wrong_identifier(capsys, tmp_path, good_model):
-    assert_refused(capsys, tmp_path, good_model[:4] + b"ABCD" + good_model[8:], "file identifier b'ABCD'")
+    assert_refused(
+        capsys, tmp_path, good_model[:4] + b"ABCD" + good_model[8:], "file identifier b'ABCD'"
+    )
 
 
 def _set_tensor_buffer(m):
@@ -161,7 +165,11 @@ def test_unwritable_output_folder(capsys, tmp_path, good_model):
 def test_usage_errors_exit_2(capsys, tmp_path, good_model):
     src = tmp_path / "in.tflite"
     src.write_bytes(good_model)
-    for args in ([src, tmp_path / "o.tflite", "--rules", "no_such_rule"], [src], ["--exclude", "(", src, src]):
+    for args in (
+        [src, tmp_path / "o.tflite", "--rules", "no_such_rule"],
+        [src],
+        ["--exclude", "(", src, src],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([str(a) for a in args])
         assert exit_info.value.code == 2
@@ -173,7 +181,9 @@ def test_real_process_prints_no_traceback(tmp_path):
     src.write_bytes(b"TFL3" * 3)
     result = subprocess.run(
         [sys.executable, "-m", "tfl_fuse", str(src), str(tmp_path / "out.tflite")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -21,7 +21,9 @@ def _enum(name):
     return getattr(__import__(f"circle_schema.v0_10.circle.{name}", fromlist=[name]), name)
 
 
-def build_circle(op_name: str = "FULLY_CONNECTED", data_format: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:
+def build_circle(
+    op_name: str = "FULLY_CONNECTED", data_format: int = 0
+) -> tuple[bytes, np.ndarray, np.ndarray]:
     """x[1,4] -> FULLY_CONNECTED(W[3,4], b[3]) -> y[1,3], as a CIR0 file."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(3, 4)).astype(np.float32)
@@ -35,7 +37,9 @@ def build_circle(op_name: str = "FULLY_CONNECTED", data_format: int = 0) -> tupl
     code = _cls("OperatorCode")()
     builtin = getattr(_enum("BuiltinOperator"), op_name)
     code.builtinCode = builtin
-    code.deprecatedBuiltinCode = builtin if 0 <= builtin < 127 else (builtin if builtin < 0 else 127)
+    code.deprecatedBuiltinCode = (
+        builtin if 0 <= builtin < 127 else (builtin if builtin < 0 else 127)
+    )
     code.version = 1
     model.operatorCodes = [code]
 
@@ -45,7 +49,12 @@ def build_circle(op_name: str = "FULLY_CONNECTED", data_format: int = 0) -> tupl
         return t
 
     sg = _cls("SubGraph")()
-    sg.tensors = [tensor("x", [1, 4]), tensor("w", [3, 4], 1), tensor("b", [3], 2), tensor("y", [1, 3])]
+    sg.tensors = [
+        tensor("x", [1, 4]),
+        tensor("w", [3, 4], 1),
+        tensor("b", [3], 2),
+        tensor("y", [1, 3]),
+    ]
     op = _cls("Operator")()
     op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
     if op_name == "FULLY_CONNECTED":
@@ -82,7 +91,10 @@ def test_circle_round_trip_is_lossless():
     for ta, tb in zip(a.subgraphs[0].tensors, b.subgraphs[0].tensors, strict=True):
         assert list(ta.shape) == list(tb.shape) and ta.type == tb.type
         assert _data(a, ta.buffer) == _data(b, tb.buffer)
-    assert (b.operatorCodes[0].builtinCode, b.operatorCodes[0].version) == (a.operatorCodes[0].builtinCode, 1)
+    assert (b.operatorCodes[0].builtinCode, b.operatorCodes[0].version) == (
+        a.operatorCodes[0].builtinCode,
+        1,
+    )
     assert list(b.subgraphs[0].operators[0].inputs) == [0, 1, 2]
 
 
@@ -96,7 +108,10 @@ def test_circle_converts_to_tflite_and_runs_in_litert():
     (y_circle,) = verify.run(data, [x])  # verify converts circle in memory
     np.testing.assert_array_equal(y, y_circle)
     back = bytes(tfl_fuse.optimize(tflite, [], output_format="circle")[0])
-    assert back[4:8] == b"CIR0" and fb.decode(back).subgraphs[0].operators[0].opcode.name == "FULLY_CONNECTED"
+    assert (
+        back[4:8] == b"CIR0"
+        and fb.decode(back).subgraphs[0].operators[0].opcode.name == "FULLY_CONNECTED"
+    )
 
 
 def test_circle_only_operator_cannot_become_tflite():

@@ -31,14 +31,27 @@ def test_a_perturbed_weight_makes_the_value_test_fail(tmp_path):
     ok, lines = valuetest.run_value_test("perturbed", data, broken, tmp_path)
     assert not ok
     assert any(line.startswith("[normal] DIFF") for line in lines)
-    assert h5compare.main([str(tmp_path / "perturbed.expected.h5"), str(tmp_path / "perturbed.opt.h5")]) == 1
-    assert {p.name for p in tmp_path.iterdir()} >= {"perturbed.input.h5", "perturbed.expected.h5", "perturbed.opt.h5"}
+    assert (
+        h5compare.main(
+            [str(tmp_path / "perturbed.expected.h5"), str(tmp_path / "perturbed.opt.h5")]
+        )
+        == 1
+    )
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "perturbed.input.h5",
+        "perturbed.expected.h5",
+        "perturbed.opt.h5",
+    }
 
 
 def test_h5_dump_layout_and_compare(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    h5compare.write_dump(a, ["out", "idx"], [np.array([1.0, 2.0, 3.0], np.float32), np.array([1, 2], np.int32)])
-    h5compare.write_dump(b, ["out", "idx"], [np.array([1.0, 2.0, 3.00001], np.float32), np.array([1, 2], np.int32)])
+    h5compare.write_dump(
+        a, ["out", "idx"], [np.array([1.0, 2.0, 3.0], np.float32), np.array([1, 2], np.int32)]
+    )
+    h5compare.write_dump(
+        b, ["out", "idx"], [np.array([1.0, 2.0, 3.00001], np.float32), np.array([1, 2], np.int32)]
+    )
     names, values = h5compare.read_dump(a)
     assert names == ["out", "idx"] and values[1].dtype == np.int32
     import h5py
@@ -46,7 +59,9 @@ def test_h5_dump_layout_and_compare(tmp_path):
     with h5py.File(a) as f:
         assert set(f.keys()) == {"name", "value"} and set(f["value"].keys()) == {"0", "1"}
     assert h5compare.main([str(a), str(b)]) == 0
-    h5compare.write_dump(b, ["out", "idx"], [np.array([1.0, 2.0, 3.0], np.float32), np.array([1, 3], np.int32)])
+    h5compare.write_dump(
+        b, ["out", "idx"], [np.array([1.0, 2.0, 3.0], np.float32), np.array([1, 3], np.int32)]
+    )
     assert h5compare.main([str(a), str(b)]) == 1  # integers compare exactly
     assert h5compare.main([str(a), str(tmp_path / "missing.h5")]) == 2
 
@@ -59,12 +74,22 @@ def test_chef_is_deterministic():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('inputs = ["x"]\noutputs = ["y"]\noperand = [ { name = "x", shape = [1] } ]\noperation = [ { type = "RELU", inputs = ["x"], outputs = ["nope"] } ]',
-         "operation[0].outputs: unknown operand 'nope'"),
-        ('inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x", type = "float33" } ]', "operand[0].type"),
-        ('inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x", shape = [2], filler = { kind = "explicit", values = [1] } } ]',
-         "operand[0].filler.values"),
-        ('inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x" } ]\noperation = [ { type = "NOT_AN_OP" } ]', "operation[0].type"),
+        (
+            'inputs = ["x"]\noutputs = ["y"]\noperand = [ { name = "x", shape = [1] } ]\noperation = [ { type = "RELU", inputs = ["x"], outputs = ["nope"] } ]',
+            "operation[0].outputs: unknown operand 'nope'",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x", type = "float33" } ]',
+            "operand[0].type",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x", shape = [2], filler = { kind = "explicit", values = [1] } } ]',
+            "operand[0].filler.values",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x" } ]\noperation = [ { type = "NOT_AN_OP" } ]',
+            "operation[0].type",
+        ),
         ('inputs = ["x"]\noutputs = = 3\n', "line 2"),
     ],
 )

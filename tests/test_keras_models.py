@@ -61,7 +61,9 @@ def test_resnet_v2_folds_all_preactivation_bn(name, residual):
 
 
 def test_densenet121_folds_every_mul_and_explains_every_add():
-    path = kerasmodels.application("DenseNet121", input_shape=(64, 64, 3), classifier_activation=None)
+    path = kerasmodels.application(
+        "DenseNet121", input_shape=(64, 64, 3), classifier_activation=None
+    )
     data, out, report = optimize(path)
     assert report["ops_before"]["MUL"] == 62
     assert report["ops_after"].get("MUL", 0) == 0
@@ -73,7 +75,9 @@ def test_densenet121_folds_every_mul_and_explains_every_add():
 
 @pytest.mark.parametrize("name", ["ResNet50V2", "DenseNet121"])
 def test_negative_gammas_still_match_and_are_reported(name):
-    path = kerasmodels.application(name, input_shape=(64, 64, 3), negative_fraction=0.1, classifier_activation=None, seed=1)
+    path = kerasmodels.application(
+        name, input_shape=(64, 64, 3), negative_fraction=0.1, classifier_activation=None, seed=1
+    )
     data, out, report = optimize(path)
     assert_outputs_match(data, out)
     left = report["ops_after"].get("MUL", 0)

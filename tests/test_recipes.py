@@ -14,7 +14,9 @@ def optimize_recipe(recipe_dir):
     data, recipe = chef.cook(recipe_dir)
     expect = recipe.get("expect", {})
     rules = expect.get("rules")
-    out, report = tfl_fuse.optimize(data, None if rules in (None, "all") else list(rules), exclude=expect.get("exclude"))
+    out, report = tfl_fuse.optimize(
+        data, None if rules in (None, "all") else list(rules), exclude=expect.get("exclude")
+    )
     return data, bytes(out), report, expect
 
 
@@ -23,7 +25,9 @@ def test_recipe(recipe_dir, build_dir):
     data, out, report, expect = optimize_recipe(recipe_dir)
     after = report["ops_after"]
     for op, count in expect.get("ops_after", {}).items():
-        assert after.get(op, 0) == count, f"{op}: expected {count} after, got {after.get(op, 0)}; report {report}"
+        assert after.get(op, 0) == count, (
+            f"{op}: expected {count} after, got {after.get(op, 0)}; report {report}"
+        )
     fired = {entry["rule"] for entry in report["rewrites"]}
     for rule in expect.get("fired", []):
         assert rule in fired, f"rule {rule} did not fire; declined: {report['declined']}"
@@ -31,14 +35,19 @@ def test_recipe(recipe_dir, build_dir):
         assert rule not in fired, f"rule {rule} fired: {report['rewrites']}"
     for wanted in expect.get("declined", []):
         assert any(
-            entry["rule"] == wanted["rule"] and wanted["reason"] in entry["reason"] for entry in report["declined"]
+            entry["rule"] == wanted["rule"] and wanted["reason"] in entry["reason"]
+            for entry in report["declined"]
         ), f"no decline {wanted} in {report['declined']}"
     if expect.get("unchanged"):
         assert not report["rewrites"]
 
     # round trip with no rules computes the same, and the optimized model too
     round_trip, _ = tfl_fuse.optimize(data, [])
-    ok, lines = valuetest.run_value_test(f"{recipe_dir.name}.roundtrip", data, bytes(round_trip), build_dir / "recipes")
+    ok, lines = valuetest.run_value_test(
+        f"{recipe_dir.name}.roundtrip", data, bytes(round_trip), build_dir / "recipes"
+    )
     assert ok, "\n".join(lines)
-    ok, lines = valuetest.run_value_test(recipe_dir.name, data, out, build_dir / "recipes", rtol=expect.get("rtol", 1e-5))
+    ok, lines = valuetest.run_value_test(
+        recipe_dir.name, data, out, build_dir / "recipes", rtol=expect.get("rtol", 1e-5)
+    )
     assert ok, "\n".join(lines)

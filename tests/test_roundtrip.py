@@ -34,7 +34,9 @@ def multi_subgraph_model() -> bytes:
         _, y = tf.while_loop(lambda i, v: i < 3, lambda i, v: (i + 1, v * 0.5 + 1.0), [i, y])
         return y
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([branchy.get_concrete_function()], branchy)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [branchy.get_concrete_function()], branchy
+    )
     return converter.convert()
 
 
@@ -59,7 +61,9 @@ def test_multi_subgraph_round_trip_is_lossless():
     assert differences(data, out) == []
     for value in (1.0, -1.0):  # both branches of the cond
         interp_inputs = [np.full((1, 8), value, np.float32)]
-        for x, y in zip(verify.run(data, interp_inputs), verify.run(out, interp_inputs), strict=True):
+        for x, y in zip(
+            verify.run(data, interp_inputs), verify.run(out, interp_inputs), strict=True
+        ):
             assert np.array_equal(x, y)
 
 
@@ -69,7 +73,9 @@ def test_signature_defs_and_metadata_survive():
     assert model.signature_defs and model.root.metadata
     out = round_trip(data)
     again = fb.decode(out)
-    assert [s.signatureKey for s in again.signature_defs] == [s.signatureKey for s in model.signature_defs]
+    assert [s.signatureKey for s in again.signature_defs] == [
+        s.signatureKey for s in model.signature_defs
+    ]
     names = {m.name: bytes(model.buffers[m.buffer].data) for m in model.root.metadata}
     names_out = {m.name: bytes(again.buffers[m.buffer].data) for m in again.root.metadata}
     assert names == names_out
@@ -103,7 +109,9 @@ def test_unused_buffers_are_dropped_and_buffer_zero_stays_empty():
     model.buffers.append(model.buffers[1])  # an unreferenced buffer
     model.add_buffer(np.arange(10, dtype=np.float32))
     out = fb.decode(fb.encode(model))
-    referenced = {t.buffer for sg in out.subgraphs for t in sg.tensors} | {m.buffer for m in out.root.metadata}
+    referenced = {t.buffer for sg in out.subgraphs for t in sg.tensors} | {
+        m.buffer for m in out.root.metadata
+    }
     assert set(range(len(out.buffers))) == referenced | {0}
     assert out.buffers[0].data is None
 
@@ -112,12 +120,14 @@ def test_shared_buffers_stay_shared():
     data = kerasmodels.application("ResNet50V2", input_shape=(32, 32, 3), seed=3).read_bytes()
     model = fb.decode(fb.encode(fb.decode(data)))
     original = fb.decode(data)
+
     def sharing(m):
         users = {}
         for t in m.subgraphs[0].tensors:
             if m.buffers[t.buffer].data is not None:
                 users.setdefault(t.buffer, []).append(t.name)
         return sorted(sorted(v) for v in users.values() if len(v) > 1)
+
     assert sharing(model) == sharing(original)
 
 

@@ -65,12 +65,16 @@ def optimize(
     Raises ModelError for bad input, KeyError for an unknown rule name, and
     VerificationError when ``verify`` finds a mismatch.
     """
-    image, report = optimize_image(data, rules_to_run, disable, exclude, output_format, verify, seed)
+    image, report = optimize_image(
+        data, rules_to_run, disable, exclude, output_format, verify, seed
+    )
     return image.tobytes(), report
 
 
 def write_atomically(
-    path: str | os.PathLike, data: bytes | bytearray | memoryview | fb.Encoded, source_fd: int | None = None
+    path: str | os.PathLike,
+    data: bytes | bytearray | memoryview | fb.Encoded,
+    source_fd: int | None = None,
 ) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     target = Path(path)
@@ -111,7 +115,9 @@ def open_model_file(path: str | os.PathLike) -> Iterator[tuple[bytes | mmap.mmap
         try:
             size = os.fstat(handle.fileno()).st_size
             data: bytes | mmap.mmap = (
-                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size >= 1 << 16 else handle.read()
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                if size >= 1 << 16
+                else handle.read()
             )
         except OSError as error:
             raise ModelError(f"cannot read {path}: {error.strerror or error}") from None

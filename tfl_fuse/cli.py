@@ -41,20 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", nargs="?", metavar="IN", help="model to read (.tflite or .circle)")
     parser.add_argument("output", nargs="?", metavar="OUT", help="model to write (may be IN)")
-    parser.add_argument("--rules", type=str, default=None, metavar="NAMES",
-                        help="comma-separated rules to run, or 'none' for a pure decode/encode (default: all exact rules)")
-    parser.add_argument("--disable", type=str, default="", metavar="NAMES", help="comma-separated rules not to run")
-    parser.add_argument("--exclude", type=_regex, action="append", default=[], metavar="REGEX",
-                        help="leave alone ops whose output tensor name matches REGEX (repeatable)")
-    parser.add_argument("--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'")
+    parser.add_argument(
+        "--rules",
+        type=str,
+        default=None,
+        metavar="NAMES",
+        help="comma-separated rules to run, or 'none' for a pure decode/encode (default: all exact rules)",
+    )
+    parser.add_argument(
+        "--disable", type=str, default="", metavar="NAMES", help="comma-separated rules not to run"
+    )
+    parser.add_argument(
+        "--exclude",
+        type=_regex,
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave alone ops whose output tensor name matches REGEX (repeatable)",
+    )
+    parser.add_argument(
+        "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
+    )
     parser.add_argument("--dry-run", action="store_true", help="run everything but write no model")
-    parser.add_argument("--verify", action="store_true",
-                        help="run LiteRT on both models with seeded inputs; on a mismatch write nothing and exit 3")
-    parser.add_argument("--output-format", choices=sorted(FORMATS), default=None,
-                        help="format to write (default: as OUT's suffix says, else as IN)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run LiteRT on both models with seeded inputs; on a mismatch write nothing and exit 3",
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=sorted(FORMATS),
+        default=None,
+        help="format to write (default: as OUT's suffix says, else as IN)",
+    )
     parser.add_argument("--list-rules", action="store_true", help="list the rules and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every rewrite and refusal")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print every rewrite and refusal"
+    )
     parser.add_argument("--version", action="version", version=f"tfl-fuse {__version__}")
     return parser
 
@@ -62,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def list_rules() -> str:
     lines = []
     for rule in rules.ALL_RULES:
-        tag = " [approximate; off by default]" if rule.approximate else ("" if rule.default else " [off by default]")
+        tag = (
+            " [approximate; off by default]"
+            if rule.approximate
+            else ("" if rule.default else " [off by default]")
+        )
         lines.append(f"{rule.name:32s} {rule.summary}{tag}")
     return "\n".join(lines)
 
@@ -70,7 +98,11 @@ def list_rules() -> str:
 def summary(report: dict[str, Any]) -> str:
     interesting = ("MUL", "ADD", "SUB", "DIV")
     before, after = report["ops_before"], report["ops_after"]
-    changes = ", ".join(f"{k} {before.get(k, 0)}->{after.get(k, 0)}" for k in interesting if before.get(k, 0) or after.get(k, 0))
+    changes = ", ".join(
+        f"{k} {before.get(k, 0)}->{after.get(k, 0)}"
+        for k in interesting
+        if before.get(k, 0) or after.get(k, 0)
+    )
     return (
         f"tfl-fuse: {sum(before.values())} -> {sum(after.values())} ops"
         + (f" ({changes})" if changes else "")
@@ -109,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open_model_file(args.input) as (data, source_fd):
             try:
-                image, report = optimize_image(data, chosen, _names(args.disable), args.exclude, output_format, verify=args.verify)
+                image, report = optimize_image(
+                    data,
+                    chosen,
+                    _names(args.disable),
+                    args.exclude,
+                    output_format,
+                    verify=args.verify,
+                )
             except VerificationError as error:
                 _emit_report(args, {"verify": error.result})
                 return _fail(str(error), EXIT_MISMATCH)
@@ -123,14 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RecursionError) as error:
         return _fail(f"{args.input}: cannot process the model ({type(error).__name__})")
     except Exception as error:  # noqa: BLE001 - a bug must still end in one line and exit 1
-        return _fail(f"{args.input}: internal error, please report it: {type(error).__name__}: {error}")
+        return _fail(
+            f"{args.input}: internal error, please report it: {type(error).__name__}: {error}"
+        )
     report["output"] = None if args.dry_run else str(args.output)
     _emit_report(args, report)
     if args.verbose:
         for entry in report["rewrites"]:
-            print(f"  rewrote  [{entry['rule']}] {' + '.join(entry['ops'])}: {entry['detail']}", file=sys.stderr)
+            print(
+                f"  rewrote  [{entry['rule']}] {' + '.join(entry['ops'])}: {entry['detail']}",
+                file=sys.stderr,
+            )
         for entry in report["declined"]:
-            print(f"  declined [{entry['rule']}] {entry['where']}: {entry['reason']}", file=sys.stderr)
+            print(
+                f"  declined [{entry['rule']}] {entry['where']}: {entry['reason']}", file=sys.stderr
+            )
     if not args.quiet:
         print(summary(report), file=sys.stderr)
     return EXIT_OK
@@ -146,7 +192,10 @@ def _emit_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
         try:
             write_atomically(args.report, text.encode())
         except OSError as error:
-            print(f"tfl-fuse: warning: cannot write report {args.report}: {error.strerror or error}", file=sys.stderr)
+            print(
+                f"tfl-fuse: warning: cannot write report {args.report}: {error.strerror or error}",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

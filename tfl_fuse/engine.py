@@ -30,7 +30,8 @@ def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> di
         if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
             where = f"subgraph {index}"
             ctx.declines[("*", where, "fmt")] = {
-                "rule": "*", "where": where,
+                "rule": "*",
+                "where": where,
                 "reason": "circle subgraph in CHANNELS_FIRST data format: rules assume NHWC and skip it",
             }
             continue
@@ -39,7 +40,9 @@ def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> di
         graph = Graph(model, index)
         for _ in range(MAX_PASSES):
             passes += 1
-            ctx.declines = {k: v for k, v in ctx.declines.items() if not k[1].startswith(f"subgraph {index}:")}
+            ctx.declines = {
+                k: v for k, v in ctx.declines.items() if not k[1].startswith(f"subgraph {index}:")
+            }
             changed = sum(rule.apply(graph, ctx) for rule in rules)
             if not changed:
                 break

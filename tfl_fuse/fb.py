@@ -78,13 +78,17 @@ def decode(data: bytes | bytearray | memoryview) -> Model:
     fmt = detect_format(data)
     root_offset = struct.unpack_from("<I", data, 0)[0]
     if root_offset + 4 > len(data):
-        raise ModelError(f"corrupt or truncated {fmt.name} model: root offset {root_offset} is past the end ({len(data)} bytes)")
+        raise ModelError(
+            f"corrupt or truncated {fmt.name} model: root offset {root_offset} is past the end ({len(data)} bytes)"
+        )
     try:
         accessor = fmt.accessor_class("Model").GetRootAs(data, 0)
         obj = fmt.table_class("Model").InitFromObj(accessor)
         data_formats = _read_circle_data_formats(accessor) if fmt is formats.CIRCLE else []
     except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
-        raise ModelError(f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})") from None
+        raise ModelError(
+            f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})"
+        ) from None
     model = _model_from_objects(obj, fmt, data)
     _record_source_offsets(accessor, model)
     for subgraph, data_format in zip(model.subgraphs, data_formats):
@@ -113,7 +117,9 @@ def _read_circle_data_formats(accessor: Any) -> list[int]:
     for i in range(accessor.SubgraphsLength()):
         table = accessor.Subgraphs(i)._tab
         offset = table.Offset(_CIRCLE_DATA_FORMAT_VTABLE_OFFSET)
-        values.append(table.Get(flatbuffers.number_types.Int8Flags, offset + table.Pos) if offset else 0)
+        values.append(
+            table.Get(flatbuffers.number_types.Int8Flags, offset + table.Pos) if offset else 0
+        )
     return values
 
 
@@ -137,7 +143,9 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
         payload = buffer.data
         if buffer.offset > 1:  # data stored after the flatbuffer (models over 2 GB)
             if buffer.offset + buffer.size > len(data):
-                raise ModelError(f"buffer data at offset {buffer.offset} is past the end of the file")
+                raise ModelError(
+                    f"buffer data at offset {buffer.offset} is past the end of the file"
+                )
             payload = np.frombuffer(data, dtype=np.uint8, count=buffer.size, offset=buffer.offset)
         buffers.append(Table("Buffer", data=payload, offset=0, size=0))
 
@@ -227,7 +235,9 @@ class _Encoder:
             if name not in known:
                 if _is_unset(value, source_defaults.get(name)):
                     continue
-                raise ModelError(f"{where}: the {self.fmt.name} schema has no field {table._type}.{name}")
+                raise ModelError(
+                    f"{where}: the {self.fmt.name} schema has no field {table._type}.{name}"
+                )
             if name in UNION_ENUMS and isinstance(value, Table):
                 members = self.fmt.enum(UNION_ENUMS[name])
                 if value._type not in members:
@@ -275,7 +285,7 @@ class Encoded:
 
 def _write_all(fd: int, view: memoryview) -> None:
     while len(view):
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _send_all(fd: int, source_fd: int, offset: int, count: int) -> None:
@@ -290,7 +300,9 @@ def _send_all(fd: int, source_fd: int, offset: int, count: int) -> None:
 class _PackedBuffer:
     """A Buffer table whose data is 16-byte aligned; large data is reserved, filled on output."""
 
-    def __init__(self, fmt: Format, data: np.ndarray | None, source_offset: int | None, holes: list) -> None:
+    def __init__(
+        self, fmt: Format, data: np.ndarray | None, source_offset: int | None, holes: list
+    ) -> None:
         self.fmt = fmt
         self.data = data
         self.source_offset = source_offset
@@ -303,7 +315,9 @@ class _PackedBuffer:
             builder.StartVector(1, size, BUFFER_ALIGNMENT)
             builder.head -= size
             if size >= HOLE_MIN_BYTES:
-                self.holes.append((len(builder.Bytes) - builder.head, self.data, self.source_offset))
+                self.holes.append(
+                    (len(builder.Bytes) - builder.head, self.data, self.source_offset)
+                )
             else:
                 builder.Bytes[builder.head : builder.head + size] = memoryview(self.data).cast("B")
             builder.vectorNumElems = size
@@ -395,7 +409,9 @@ def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
         sg = encoder.table(shell, f"subgraph {s}")
         for tensor in subgraph.tensors:
             if tensor.type not in tensor_types:
-                raise ModelError(f"tensor {tensor.name!r}: the {fmt.name} schema has no type {tensor.type}")
+                raise ModelError(
+                    f"tensor {tensor.name!r}: the {fmt.name} schema has no type {tensor.type}"
+                )
             shell_tensor = tensor.copy()
             shell_tensor.type = tensor_types[tensor.type]
             shell_tensor.buffer = buffer_map[tensor.buffer]
@@ -427,8 +443,11 @@ def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
         raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold")
     # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
     # and the slack) cost nothing.
-    estimate = data_bytes + 64 * len(keep) + (1 << 20) + 4096 * sum(
-        len(sg.tensors) + len(sg.operators) for sg in model.subgraphs
+    estimate = (
+        data_bytes
+        + 64 * len(keep)
+        + (1 << 20)
+        + 4096 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs)
     )
     builder = _builder(min(estimate, MAX_FLATBUFFER_SIZE))
     try:
@@ -436,10 +455,14 @@ def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
             offset = model_object.Pack(builder)
         builder.Finish(offset, file_identifier=fmt.identifier)
     except flatbuffers.builder.BuilderSizeError:
-        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold") from None
+        raise ModelError(
+            "the model is larger than 2 GB, which a single flatbuffer cannot hold"
+        ) from None
     total, head = len(builder.Bytes), builder.Head()
     image = memoryview(builder.Bytes)[head:]
-    return Encoded(image, [(total - from_end - head, data, source) for from_end, data, source in holes])
+    return Encoded(
+        image, [(total - from_end - head, data, source) for from_end, data, source in holes]
+    )
 
 
 def _builder(size: int) -> flatbuffers.Builder:
@@ -456,12 +479,18 @@ def _packed(fmt: Format, buffer: Table, holes: list) -> _PackedBuffer:
 
 def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
     fmt = encoder.fmt
-    if code.source is not None and code.source_format == fmt.name and code.source.version == code.version:
+    if (
+        code.source is not None
+        and code.source_format == fmt.name
+        and code.source.version == code.version
+    ):
         return encoder.table(code.source, f"operator code {code.name}")
     try:
         deprecated, builtin = fmt.op_codes(code.name)
     except KeyError:
-        raise ModelError(f"operator {code.name} has no equivalent in the {fmt.name} schema") from None
+        raise ModelError(
+            f"operator {code.name} has no equivalent in the {fmt.name} schema"
+        ) from None
     obj = fmt.table_class("OperatorCode")()
     obj.deprecatedBuiltinCode, obj.builtinCode = deprecated, builtin
     obj.version = code.version

@@ -73,9 +73,15 @@ class Format:
         key = ("E", enum_name)
         if key not in self._cache:
             cls = self._lookup(enum_name, enum_name)
-            values = {} if cls is None else {
-                k: v for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, int)
-            }
+            values = (
+                {}
+                if cls is None
+                else {
+                    k: v
+                    for k, v in vars(cls).items()
+                    if not k.startswith("_") and isinstance(v, int)
+                }
+            )
             self._cache[key] = values
         return self._cache[key]
 
@@ -105,11 +111,15 @@ class Format:
     def op_codes(self, name: str) -> tuple[int, int]:
         """(deprecated_builtin_code, builtin_code) for an operator name; KeyError if absent."""
         code = self.enum("BuiltinOperator")[name]
-        deprecated = code if code < PLACEHOLDER_FOR_GREATER_OP_CODES else PLACEHOLDER_FOR_GREATER_OP_CODES
+        deprecated = (
+            code if code < PLACEHOLDER_FOR_GREATER_OP_CODES else PLACEHOLDER_FOR_GREATER_OP_CODES
+        )
         return deprecated, code
 
 
-TFLITE = Format("tflite", b"TFL3", ".tflite", "ai_edge_litert.schema_py_generated", False, schema_version=3)
+TFLITE = Format(
+    "tflite", b"TFL3", ".tflite", "ai_edge_litert.schema_py_generated", False, schema_version=3
+)
 CIRCLE = Format("circle", b"CIR0", ".circle", "circle_schema.v0_10.circle", True, schema_version=0)
 FORMATS = {f.name: f for f in (TFLITE, CIRCLE)}
 BY_IDENTIFIER = {f.identifier: f for f in (TFLITE, CIRCLE)}

@@ -18,9 +18,20 @@ from .model import Model, ModelError, Table
 NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype)
     for name, dtype in {
-        "FLOAT32": "<f4", "FLOAT16": "<f2", "FLOAT64": "<f8", "INT32": "<i4", "UINT8": "u1",
-        "INT64": "<i8", "BOOL": "?", "INT16": "<i2", "INT8": "i1", "UINT64": "<u8",
-        "UINT32": "<u4", "UINT16": "<u2", "COMPLEX64": "<c8", "COMPLEX128": "<c16",
+        "FLOAT32": "<f4",
+        "FLOAT16": "<f2",
+        "FLOAT64": "<f8",
+        "INT32": "<i4",
+        "UINT8": "u1",
+        "INT64": "<i8",
+        "BOOL": "?",
+        "INT16": "<i2",
+        "INT8": "i1",
+        "UINT64": "<u8",
+        "UINT32": "<u4",
+        "UINT16": "<u2",
+        "COMPLEX64": "<c8",
+        "COMPLEX128": "<c16",
     }.items()
 }
 FLOAT_TYPES = {"FLOAT32", "FLOAT64"}
@@ -151,16 +162,28 @@ class Graph:
         self.replace_input(op, position, new)
         return new
 
-    def add_constant(self, name: str, value: np.ndarray, like: int | None = None, type_name: str = "FLOAT32") -> int:
+    def add_constant(
+        self, name: str, value: np.ndarray, like: int | None = None, type_name: str = "FLOAT32"
+    ) -> int:
         """Append a constant tensor (unique name) and return its index."""
         if like is not None:
             t = self.tensors[like].copy()
             t.quantization = None if t.get("quantization") is None else t.quantization
             type_name = t.type
         else:
-            t = Table("Tensor", shape=[], type=type_name, buffer=0, name=name, isVariable=False, hasRank=True)
+            t = Table(
+                "Tensor",
+                shape=[],
+                type=type_name,
+                buffer=0,
+                name=name,
+                isVariable=False,
+                hasRank=True,
+            )
         t.name = self._unique(name)
-        t.buffer = self.model.add_buffer(np.asarray(value).astype(NUMPY_DTYPES[type_name], copy=False))
+        t.buffer = self.model.add_buffer(
+            np.asarray(value).astype(NUMPY_DTYPES[type_name], copy=False)
+        )
         t.shapeSignature = None
         self._set_shape(t, np.asarray(value).shape)
         self.tensors.append(t)
@@ -237,7 +260,9 @@ class Graph:
     def set_op_type(self, op: Table, name: str, version: int | None = None) -> None:
         old = op.opcode
         new_version = old.version if version is None else version
-        op.opcode = self.model.opcode(name, new_version, old.custom_code if name == old.name else None)
+        op.opcode = self.model.opcode(
+            name, new_version, old.custom_code if name == old.name else None
+        )
         if name != old.name:
             self.by_type[old.name].remove(op)
             self.by_type[name].append(op)
@@ -250,7 +275,9 @@ class Graph:
     def sweep(self) -> None:
         """Drop removed operators and tensors that rewrites left unreferenced."""
         if self._dead:
-            self.subgraph.operators = [op for op in self.subgraph.operators if id(op) not in self._dead]
+            self.subgraph.operators = [
+                op for op in self.subgraph.operators if id(op) not in self._dead
+            ]
             self._dead.clear()
         metadata = self.model.root.get("metadata") or []
         if any(entry.name == OFFLINE_MEMORY_METADATA for entry in metadata):

@@ -34,7 +34,9 @@ def validate(model: Model) -> None:
         n_tensors = len(subgraph.tensors)
         where = f"subgraph {s}"
         for t, tensor in enumerate(subgraph.tensors):
-            _check_index(tensor.buffer, n_buffers, f"{where}: tensor {t} ({tensor.name!r}) buffer index")
+            _check_index(
+                tensor.buffer, n_buffers, f"{where}: tensor {t} ({tensor.name!r}) buffer index"
+            )
         for i in subgraph.inputs:
             _check_index(i, n_tensors, f"{where}: input tensor index")
         for o in subgraph.outputs:
@@ -46,17 +48,25 @@ def validate(model: Model) -> None:
             for o in op.outputs:
                 _check_index(o, n_tensors, f"{op_where} output tensor index", allow_absent=True)
             for i in op.get("intermediates") or []:
-                _check_index(i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True)
+                _check_index(
+                    i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True
+                )
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
                 for name, value in _subgraph_references(options):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         _check_acyclic(subgraph, where)
     for signature in model.signature_defs:
         index = signature.get("subgraphIndex", 0)
-        _check_index(index, n_subgraphs, f"signature {signature.get('signatureKey')!r} subgraph index")
+        _check_index(
+            index, n_subgraphs, f"signature {signature.get('signatureKey')!r} subgraph index"
+        )
         n_tensors = len(model.subgraphs[index].tensors)
         for entry in (signature.get("inputs") or []) + (signature.get("outputs") or []):
-            _check_index(entry.tensorIndex, n_tensors, f"signature {signature.get('signatureKey')!r} tensor {entry.name!r}")
+            _check_index(
+                entry.tensorIndex,
+                n_tensors,
+                f"signature {signature.get('signatureKey')!r} tensor {entry.name!r}",
+            )
     for entry in model.root.get("metadata") or []:
         _check_index(entry.buffer, n_buffers, f"metadata {entry.name!r} buffer index")
 
@@ -68,7 +78,9 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
             if o < 0:
                 continue
             if o in producer:
-                raise ModelError(f"{where}: tensor {o} is produced by operators {producer[o]} and {k}")
+                raise ModelError(
+                    f"{where}: tensor {o} is produced by operators {producer[o]} and {k}"
+                )
             producer[o] = k
     waiting = [0] * len(subgraph.operators)
     dependants: dict[int, list[int]] = {}

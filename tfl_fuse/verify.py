@@ -49,7 +49,11 @@ def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.n
             value = rng.integers(0, 2, shape) if kind != "zeros" else np.zeros(shape)
         else:
             info = np.iinfo(dtype)
-            low, high = (max(info.min, -128), min(info.max, 127)) if kind == "large" else (max(info.min, -10), min(info.max, 10))
+            low, high = (
+                (max(info.min, -128), min(info.max, 127))
+                if kind == "large"
+                else (max(info.min, -10), min(info.max, 10))
+            )
             value = rng.integers(low, high + 1, shape) if kind != "zeros" else np.zeros(shape)
         values.append(np.asarray(value).astype(dtype))
     return values
@@ -65,15 +69,23 @@ def run(data: bytes | bytearray | memoryview, inputs: list[np.ndarray]) -> list[
 
 def output_names(data: bytes | bytearray | memoryview) -> tuple[list[str], list[str]]:
     interp = interpreter(data)
-    return [d["name"] for d in interp.get_input_details()], [d["name"] for d in interp.get_output_details()]
+    return [d["name"] for d in interp.get_input_details()], [
+        d["name"] for d in interp.get_output_details()
+    ]
 
 
-def compare_arrays(expected: np.ndarray, actual: np.ndarray, rtol: float = RTOL, atol: float | None = None) -> tuple[bool, float]:
+def compare_arrays(
+    expected: np.ndarray, actual: np.ndarray, rtol: float = RTOL, atol: float | None = None
+) -> tuple[bool, float]:
     """(match, max abs difference); float atol defaults to ATOL_SCALE * max |expected| (at least 1e-6)."""
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return False, float("inf")
     if expected.dtype.kind not in "fc":
-        diff = float(np.max(np.abs(expected.astype(np.int64) - actual.astype(np.int64)))) if expected.size else 0.0
+        diff = (
+            float(np.max(np.abs(expected.astype(np.int64) - actual.astype(np.int64))))
+            if expected.size
+            else 0.0
+        )
         return diff == 0.0, diff
     if atol is None:
         atol = max(ATOL_SCALE * float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
@@ -100,10 +112,20 @@ def compare_models(
         expected = run(original, inputs)
         actual = run(optimized, inputs)
         if len(expected) != len(actual):
-            return {"match": False, "summary": "the models have different numbers of outputs", "max_abs_diff": {}}
+            return {
+                "match": False,
+                "summary": "the models have different numbers of outputs",
+                "max_abs_diff": {},
+            }
         for name, e, a in zip(names, expected, actual):
             ok, diff = compare_arrays(e, a, rtol)
             worst[name] = max(worst[name], diff)
             match = match and ok
     summary = ", ".join(f"{n}: max |diff| {d:.3g}" for n, d in worst.items())
-    return {"match": match, "summary": summary, "max_abs_diff": worst, "seed": seed, "inputs": list(kinds)}
+    return {
+        "match": match,
+        "summary": summary,
+        "max_abs_diff": worst,
+        "seed": seed,
+        "inputs": list(kinds),
+    }

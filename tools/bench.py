@@ -63,7 +63,9 @@ MEASURE = (
 
 def run_measured(command: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a command run in a fresh process."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True
+    )
     wall, rss, code = result.stdout.split()
     if int(code) != 0:
         raise RuntimeError(f"{command[:4]} failed: {result.stderr[-500:]}")
@@ -73,9 +75,30 @@ def run_measured(command: list[str]) -> tuple[float, int]:
 def tool_cost(path: Path, work: Path, repeats: int) -> dict:
     ours, round_trip, theirs = [], [], []
     for _ in range(repeats):  # interleaved, so disk and cache state hit all three alike
-        ours.append(run_measured([sys.executable, "-m", "tfl_fuse", str(path), str(work / "ours.tflite"), "-q"]))
-        round_trip.append(run_measured([sys.executable, "-m", "tfl_fuse", str(path), str(work / "rt.tflite"), "-q", "--rules", "none"]))
-        theirs.append(run_measured([sys.executable, "-c", LITERT_ROUND_TRIP, str(path), str(work / "theirs.tflite")]))
+        ours.append(
+            run_measured(
+                [sys.executable, "-m", "tfl_fuse", str(path), str(work / "ours.tflite"), "-q"]
+            )
+        )
+        round_trip.append(
+            run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "tfl_fuse",
+                    str(path),
+                    str(work / "rt.tflite"),
+                    "-q",
+                    "--rules",
+                    "none",
+                ]
+            )
+        )
+        theirs.append(
+            run_measured(
+                [sys.executable, "-c", LITERT_ROUND_TRIP, str(path), str(work / "theirs.tflite")]
+            )
+        )
     from ai_edge_litert.tools import flatbuffer_utils
 
     in_ours, in_theirs = [], []
@@ -84,7 +107,9 @@ def tool_cost(path: Path, work: Path, repeats: int) -> dict:
         tfl_fuse.optimize_file(path, work / "ours_inproc.tflite")
         in_ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        flatbuffer_utils.write_model(flatbuffer_utils.read_model(str(path)), str(work / "theirs_inproc.tflite"))
+        flatbuffer_utils.write_model(
+            flatbuffer_utils.read_model(str(path)), str(work / "theirs_inproc.tflite")
+        )
         in_theirs.append(time.perf_counter() - start)
     size = path.stat().st_size
     result = {
@@ -124,7 +149,9 @@ def latency(original: bytes, optimized: bytes, threads: int, invokes: int) -> di
     interpreters = []
     for data in (original, optimized):
         interp = verify.interpreter(data, threads=threads)
-        for detail, value in zip(interp.get_input_details(), verify.random_inputs(interp, 0), strict=True):
+        for detail, value in zip(
+            interp.get_input_details(), verify.random_inputs(interp, 0), strict=True
+        ):
             interp.set_tensor(detail["index"], value)
         interpreters.append(interp)
     for _ in range(3):
@@ -138,7 +165,11 @@ def latency(original: bytes, optimized: bytes, threads: int, invokes: int) -> di
             times[k].append(time.perf_counter() - start)
     original_ms = statistics.median(times[0]) * 1e3
     optimized_ms = statistics.median(times[1]) * 1e3
-    return {"original_ms": original_ms, "optimized_ms": optimized_ms, "speedup": original_ms / optimized_ms}
+    return {
+        "original_ms": original_ms,
+        "optimized_ms": optimized_ms,
+        "speedup": original_ms / optimized_ms,
+    }
 
 
 def chain_recipe(blocks: int, channels: int = 8) -> dict:
@@ -146,20 +177,48 @@ def chain_recipe(blocks: int, channels: int = 8) -> dict:
     operations = []
     for i in range(blocks):
         operands += [
-            {"name": f"k{i}", "shape": [channels, 1, 1, channels], "filler": {"kind": "gaussian", "stddev": 0.3, "seed": i}},
+            {
+                "name": f"k{i}",
+                "shape": [channels, 1, 1, channels],
+                "filler": {"kind": "gaussian", "stddev": 0.3, "seed": i},
+            },
             {"name": f"b{i}", "shape": [channels], "filler": {"kind": "gaussian", "seed": i}},
             {"name": f"c{i}", "shape": [1, 4, 4, channels]},
-            {"name": f"s{i}", "shape": [channels], "filler": {"kind": "uniform", "low": 0.9, "high": 1.1, "seed": i}},
+            {
+                "name": f"s{i}",
+                "shape": [channels],
+                "filler": {"kind": "uniform", "low": 0.9, "high": 1.1, "seed": i},
+            },
             {"name": f"m{i}", "shape": [1, 4, 4, channels]},
-            {"name": f"t{i}", "shape": [channels], "filler": {"kind": "gaussian", "stddev": 0.1, "seed": i}},
+            {
+                "name": f"t{i}",
+                "shape": [channels],
+                "filler": {"kind": "gaussian", "stddev": 0.1, "seed": i},
+            },
             {"name": f"x{i + 1}", "shape": [1, 4, 4, channels]},
         ]
         operations += [
-            {"type": "CONV_2D", "inputs": [f"x{i}", f"k{i}", f"b{i}"], "outputs": [f"c{i}"], "options": {"padding": "VALID"}},
+            {
+                "type": "CONV_2D",
+                "inputs": [f"x{i}", f"k{i}", f"b{i}"],
+                "outputs": [f"c{i}"],
+                "options": {"padding": "VALID"},
+            },
             {"type": "MUL", "inputs": [f"c{i}", f"s{i}"], "outputs": [f"m{i}"]},
-            {"type": "ADD", "inputs": [f"m{i}", f"t{i}"], "outputs": [f"x{i + 1}"], "options": {"activation": "RELU"}},
+            {
+                "type": "ADD",
+                "inputs": [f"m{i}", f"t{i}"],
+                "outputs": [f"x{i + 1}"],
+                "options": {"activation": "RELU"},
+            },
         ]
-    return {"name": f"chain{blocks}", "inputs": ["x0"], "outputs": [f"x{blocks}"], "operand": operands, "operation": operations}
+    return {
+        "name": f"chain{blocks}",
+        "inputs": ["x0"],
+        "outputs": [f"x{blocks}"],
+        "operand": operands,
+        "operation": operations,
+    }
 
 
 def scaling(sizes: list[int]) -> list[dict]:
@@ -172,8 +231,15 @@ def scaling(sizes: list[int]) -> list[dict]:
         _, report = tfl_fuse.optimize(data)
         seconds = time.perf_counter() - start
         ops = sum(report["ops_before"].values())
-        rows.append({"blocks": blocks, "ops": ops, "ops_after": sum(report["ops_after"].values()),
-                     "seconds": seconds, "ms_per_1000_ops": seconds * 1e3 / (ops / 1000)})
+        rows.append(
+            {
+                "blocks": blocks,
+                "ops": ops,
+                "ops_after": sum(report["ops_after"].values()),
+                "seconds": seconds,
+                "ms_per_1000_ops": seconds * 1e3 / (ops / 1000),
+            }
+        )
     return rows
 
 
@@ -186,9 +252,14 @@ def machine() -> dict:
         return getattr(module, "__version__", "?")
 
     return {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-        "numpy": np.__version__, "flatbuffers": version(flatbuffers), "tensorflow": tf.__version__,
-        "ai_edge_litert": version(ai_edge_litert), "tfl_fuse": tfl_fuse.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "flatbuffers": version(flatbuffers),
+        "tensorflow": tf.__version__,
+        "ai_edge_litert": version(ai_edge_litert),
+        "tfl_fuse": tfl_fuse.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -211,12 +282,24 @@ def markdown(results: dict) -> str:
             f"| {name} | {c['file_mb']:.1f} | {c['ours_s']:.2f} | {c['round_trip_s']:.2f} | {c['theirs_s']:.2f} | {c['ratio_process']:.2f} | "
             f"{c['ratio_round_trip']:.2f} | {c['ratio_inproc']:.2f} | {c['ours_rss_mb']:.0f} | {c['rss_over_file']:.2f} | {c['theirs_rss_mb']:.0f} |"
         )
-    per_mb = [(name, r["cost"]["ours_inproc_s"] / r["cost"]["file_mb"] * 100) for name, r in results["models"].items() if "ResNet" in name and "V2" in name]
+    per_mb = [
+        (name, r["cost"]["ours_inproc_s"] / r["cost"]["file_mb"] * 100)
+        for name, r in results["models"].items()
+        if "ResNet" in name and "V2" in name
+    ]
     if len(per_mb) > 1:
-        lines += ["", "Linear in model size (in-process tfl_fuse seconds per 100 MB): " + ", ".join(f"{n} {v:.2f}" for n, v in per_mb)]
-    lines += ["", "Coverage and inference (LiteRT, XNNPACK, median latency, original/optimized interleaved):", "",
-              "| model | MUL/ADD/SUB/DIV before | after | ops before -> after | max abs diff | 1 thread ms (orig -> opt) | speed-up | 2 threads ms | speed-up |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Linear in model size (in-process tfl_fuse seconds per 100 MB): "
+            + ", ".join(f"{n} {v:.2f}" for n, v in per_mb),
+        ]
+    lines += [
+        "",
+        "Coverage and inference (LiteRT, XNNPACK, median latency, original/optimized interleaved):",
+        "",
+        "| model | MUL/ADD/SUB/DIV before | after | ops before -> after | max abs diff | 1 thread ms (orig -> opt) | speed-up | 2 threads ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["models"].items():
         v = r["coverage"]
         before = "/".join(str(v["before"][k]) for k in LINEAR)
@@ -227,10 +310,17 @@ def markdown(results: dict) -> str:
             f"{t1['original_ms']:.1f} -> {t1['optimized_ms']:.1f} | {t1['speedup']:.3f} | "
             f"{t2['original_ms']:.1f} -> {t2['optimized_ms']:.1f} | {t2['speedup']:.3f} |"
         )
-    lines += ["", "Scaling (synthetic chains of CONV_2D + MUL + ADD blocks built by the chef, in-process optimize):", "",
-              "| blocks | ops | ops after | seconds | ms per 1,000 ops |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Scaling (synthetic chains of CONV_2D + MUL + ADD blocks built by the chef, in-process optimize):",
+        "",
+        "| blocks | ops | ops after | seconds | ms per 1,000 ops |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["scaling"]:
-        lines.append(f"| {row['blocks']} | {row['ops']} | {row['ops_after']} | {row['seconds']:.2f} | {row['ms_per_1000_ops']:.0f} |")
+        lines.append(
+            f"| {row['blocks']} | {row['ops']} | {row['ops_after']} | {row['seconds']:.2f} | {row['ms_per_1000_ops']:.0f} |"
+        )
     lines += ["", "![latency ratios and op counts](chart.png)", ""]
     return "\n".join(lines)
 
@@ -245,7 +335,12 @@ def chart(results: dict, path: Path) -> None:
     x = np.arange(len(names))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for k, threads in enumerate(("1", "2")):
-        left.bar(x + (k - 0.5) * 0.35, [results["models"][n]["latency"][threads]["speedup"] for n in names], 0.35, label=f"{threads} thread(s)")
+        left.bar(
+            x + (k - 0.5) * 0.35,
+            [results["models"][n]["latency"][threads]["speedup"] for n in names],
+            0.35,
+            label=f"{threads} thread(s)",
+        )
     left.axhline(1.0, color="gray", linewidth=0.8)
     left.set_xticks(x, names, rotation=20)
     left.set_ylabel("speed-up (original / optimized latency)")
@@ -260,7 +355,10 @@ def chart(results: dict, path: Path) -> None:
     right.set_title("Elementwise ops left")
     right.legend()
     m = results["machine"]
-    fig.suptitle(f"tfl_fuse {m['tfl_fuse']} on {m['cores']} cores, LiteRT {m['ai_edge_litert']}, TF {m['tensorflow']} ({m['date']})", fontsize=9)
+    fig.suptitle(
+        f"tfl_fuse {m['tfl_fuse']} on {m['cores']} cores, LiteRT {m['ai_edge_litert']}, TF {m['tensorflow']} ({m['date']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -280,14 +378,19 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work_dir)
         for name in args.models.split(","):
             print(f"[bench] {name}: building (cached)", flush=True)
-            path = kerasmodels.application(name, input_shape=(224, 224, 3), classifier_activation=None)
+            path = kerasmodels.application(
+                name, input_shape=(224, 224, 3), classifier_activation=None
+            )
             cost = tool_cost(path, work, args.repeats)
             cov, original, optimized = coverage(path)
             lat = {str(t): latency(original, optimized, t, args.invokes) for t in (1, 2)}
             results["models"][name] = {"cost": cost, "coverage": cov, "latency": lat}
-            print(f"[bench] {name}: ratio {cost['ratio_process']:.2f} (in-process {cost['ratio_inproc']:.2f}), "
-                  f"RSS {cost['rss_over_file']:.2f}x file, MUL {cov['before']['MUL']}->{cov['after']['MUL']}, "
-                  f"ADD {cov['before']['ADD']}->{cov['after']['ADD']}, speed-up {lat['1']['speedup']:.3f}/{lat['2']['speedup']:.3f}", flush=True)
+            print(
+                f"[bench] {name}: ratio {cost['ratio_process']:.2f} (in-process {cost['ratio_inproc']:.2f}), "
+                f"RSS {cost['rss_over_file']:.2f}x file, MUL {cov['before']['MUL']}->{cov['after']['MUL']}, "
+                f"ADD {cov['before']['ADD']}->{cov['after']['ADD']}, speed-up {lat['1']['speedup']:.3f}/{lat['2']['speedup']:.3f}",
+                flush=True,
+            )
     results["scaling"] = scaling([int(n) for n in args.chains.split(",")])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)

@@ -57,16 +57,32 @@ OPTIONS_TABLE = {
 }
 OPTION_DEFAULTS = {
     "Conv2DOptions": {"strideW": 1, "strideH": 1, "dilationWFactor": 1, "dilationHFactor": 1},
-    "DepthwiseConv2DOptions": {"strideW": 1, "strideH": 1, "dilationWFactor": 1, "dilationHFactor": 1, "depthMultiplier": 1},
+    "DepthwiseConv2DOptions": {
+        "strideW": 1,
+        "strideH": 1,
+        "dilationWFactor": 1,
+        "dilationHFactor": 1,
+        "depthMultiplier": 1,
+    },
     "TransposeConvOptions": {"strideW": 1, "strideH": 1},
-    "Conv3DOptions": {"strideD": 1, "strideW": 1, "strideH": 1, "dilationDFactor": 1, "dilationWFactor": 1, "dilationHFactor": 1},
+    "Conv3DOptions": {
+        "strideD": 1,
+        "strideW": 1,
+        "strideH": 1,
+        "dilationDFactor": 1,
+        "dilationWFactor": 1,
+        "dilationHFactor": 1,
+    },
     "Pool2DOptions": {"strideW": 1, "strideH": 1, "filterWidth": 1, "filterHeight": 1},
     "ReducerOptions": {"keepDims": True},
 }
 # Op versions that LiteRT accepts for what the chef writes.
 OP_VERSIONS = {"TRANSPOSE_CONV": 3, "DEPTHWISE_CONV_2D": 2}
 ENUM_VALUES = {**ACTIVATIONS, "SAME": PADDING_SAME, "VALID": PADDING_VALID}
-KEY_ALIASES = {"activation": "fusedActivationFunction", "fused_activation": "fusedActivationFunction"}
+KEY_ALIASES = {
+    "activation": "fusedActivationFunction",
+    "fused_activation": "fusedActivationFunction",
+}
 
 
 class RecipeError(Exception):
@@ -95,7 +111,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def fill(spec: dict[str, Any], shape: list[int], dtype: np.dtype, seed: int, where: str) -> np.ndarray:
+def fill(
+    spec: dict[str, Any], shape: list[int], dtype: np.dtype, seed: int, where: str
+) -> np.ndarray:
     kind = spec.get("kind", "gaussian")
     rng = np.random.default_rng(spec.get("seed", seed))
     count = int(np.prod(shape)) if shape else 1
@@ -108,10 +126,14 @@ def fill(spec: dict[str, Any], shape: list[int], dtype: np.dtype, seed: int, whe
     elif kind == "explicit":
         values = list(spec.get("values", []))
         if len(values) != count:
-            raise RecipeError(f"{where}.filler.values: {len(values)} values for shape {shape} ({count} needed)")
+            raise RecipeError(
+                f"{where}.filler.values: {len(values)} values for shape {shape} ({count} needed)"
+            )
         value = np.asarray(values)
     else:
-        raise RecipeError(f"{where}.filler.kind: unknown filler {kind!r} (gaussian, uniform, constant, explicit)")
+        raise RecipeError(
+            f"{where}.filler.kind: unknown filler {kind!r} (gaussian, uniform, constant, explicit)"
+        )
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         value = np.clip(np.round(value), info.min, info.max)
@@ -124,7 +146,13 @@ def build_model(recipe: dict[str, Any]) -> Model:
     if fmt not in ("tflite", "circle"):
         raise RecipeError(f"format: {fmt!r} is neither 'tflite' nor 'circle'")
     seed = int(recipe.get("seed", 0))
-    model = Model(fmt, Table("Model", version=3, description=f"tfl_fuse chef: {recipe.get('name')}"), [], [], [])
+    model = Model(
+        fmt,
+        Table("Model", version=3, description=f"tfl_fuse chef: {recipe.get('name')}"),
+        [],
+        [],
+        [],
+    )
     model.add_buffer(None)
     tensors: list[Table] = []
     index: dict[str, int] = {}
@@ -139,16 +167,28 @@ def build_model(recipe: dict[str, Any]) -> Model:
         if type_name not in NUMPY_DTYPES:
             raise RecipeError(f"{where}.type: unknown type {operand.get('type')!r}")
         shape = [int(d) for d in operand.get("shape", [])]
-        tensor = Table("Tensor", shape=shape, type=type_name, buffer=0, name=name, isVariable=False, hasRank=True)
+        tensor = Table(
+            "Tensor",
+            shape=shape,
+            type=type_name,
+            buffer=0,
+            name=name,
+            isVariable=False,
+            hasRank=True,
+        )
         if "quant" in operand:
             q = operand["quant"]
             tensor.quantization = Table(
                 "QuantizationParameters",
                 scale=np.asarray(q.get("scale", []), dtype=np.float32),
-                zeroPoint=np.asarray(q.get("zero_point", [0] * len(q.get("scale", []))), dtype=np.int64),
+                zeroPoint=np.asarray(
+                    q.get("zero_point", [0] * len(q.get("scale", []))), dtype=np.int64
+                ),
                 quantizedDimension=int(q.get("quantized_dimension", 0)),
             )
-        if "same_buffer_as" in operand:  # two tensors on one buffer, as converters emit for equal constants
+        if (
+            "same_buffer_as" in operand
+        ):  # two tensors on one buffer, as converters emit for equal constants
             other = operand["same_buffer_as"]
             if other not in index:
                 raise RecipeError(f"{where}.same_buffer_as: unknown (or later) operand {other!r}")
@@ -205,14 +245,18 @@ def build_model(recipe: dict[str, Any]) -> Model:
         name="main",
     )
     if not subgraph.inputs or not subgraph.outputs:
-        raise RecipeError("inputs/outputs: a recipe needs graph inputs and outputs (top-level keys before any table)")
+        raise RecipeError(
+            "inputs/outputs: a recipe needs graph inputs and outputs (top-level keys before any table)"
+        )
     model.subgraphs.append(subgraph)
     if recipe.get("signature", True):
         model.root.signatureDefs = [
             Table(
                 "SignatureDef",
                 inputs=[Table("TensorMap", name=n, tensorIndex=index[n]) for n in recipe["inputs"]],
-                outputs=[Table("TensorMap", name=n, tensorIndex=index[n]) for n in recipe["outputs"]],
+                outputs=[
+                    Table("TensorMap", name=n, tensorIndex=index[n]) for n in recipe["outputs"]
+                ],
                 signatureKey="serving_default",
                 subgraphIndex=0,
             )

@@ -45,7 +45,9 @@ def read_dump(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
     return names, values
 
 
-def compare_tensors(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float | None) -> tuple[bool, str]:
+def compare_tensors(
+    expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float | None
+) -> tuple[bool, str]:
     if expected.shape != actual.shape:
         return False, f"shape {list(expected.shape)} vs {list(actual.shape)}"
     if expected.dtype != actual.dtype:
@@ -55,8 +57,15 @@ def compare_tensors(expected: np.ndarray, actual: np.ndarray, rtol: float, atol:
     if expected.dtype.kind not in "fc":
         diff = np.abs(expected.astype(np.int64) - actual.astype(np.int64))
         worst = int(diff.max())
-        return worst == 0, f"max |diff| {worst} ({int(np.count_nonzero(diff))} of {diff.size} differ)"
-    scale = float(np.max(np.abs(expected[np.isfinite(expected)]))) if np.any(np.isfinite(expected)) else 0.0
+        return (
+            worst == 0,
+            f"max |diff| {worst} ({int(np.count_nonzero(diff))} of {diff.size} differ)",
+        )
+    scale = (
+        float(np.max(np.abs(expected[np.isfinite(expected)])))
+        if np.any(np.isfinite(expected))
+        else 0.0
+    )
     tolerance = atol if atol is not None else max(ATOL_SCALE * scale, 1e-6)
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -72,7 +81,9 @@ def compare_tensors(expected: np.ndarray, actual: np.ndarray, rtol: float, atol:
     return not bool(np.any(bad)), text
 
 
-def compare_files(path_a: str | Path, path_b: str | Path, rtol: float = DEFAULT_RTOL, atol: float | None = None) -> tuple[bool, list[str]]:
+def compare_files(
+    path_a: str | Path, path_b: str | Path, rtol: float = DEFAULT_RTOL, atol: float | None = None
+) -> tuple[bool, list[str]]:
     names_a, values_a = read_dump(path_a)
     names_b, values_b = read_dump(path_b)
     if len(values_a) != len(values_b):

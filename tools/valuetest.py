@@ -24,8 +24,14 @@ from tfl_fuse import verify  # noqa: E402
 KINDS = ("normal", "zeros", "large")
 
 
-def run_value_test(name: str, original: bytes, optimized: bytes, out_dir: str | Path,
-                   rtol: float = h5compare.DEFAULT_RTOL, seed: int = 0) -> tuple[bool, list[str]]:
+def run_value_test(
+    name: str,
+    original: bytes,
+    optimized: bytes,
+    out_dir: str | Path,
+    rtol: float = h5compare.DEFAULT_RTOL,
+    seed: int = 0,
+) -> tuple[bool, list[str]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = verify.interpreter(original)
@@ -36,9 +42,15 @@ def run_value_test(name: str, original: bytes, optimized: bytes, out_dir: str | 
         stem = name if kind == "normal" else f"{name}-{kind}"
         inputs = verify.random_inputs(reference, seed + k, kind)
         h5compare.write_dump(out_dir / f"{stem}.input.h5", input_names, inputs)
-        h5compare.write_dump(out_dir / f"{stem}.expected.h5", output_names, verify.run(original, inputs))
-        h5compare.write_dump(out_dir / f"{stem}.opt.h5", output_names, verify.run(optimized, inputs))
-        same, lines = h5compare.compare_files(out_dir / f"{stem}.expected.h5", out_dir / f"{stem}.opt.h5", rtol)
+        h5compare.write_dump(
+            out_dir / f"{stem}.expected.h5", output_names, verify.run(original, inputs)
+        )
+        h5compare.write_dump(
+            out_dir / f"{stem}.opt.h5", output_names, verify.run(optimized, inputs)
+        )
+        same, lines = h5compare.compare_files(
+            out_dir / f"{stem}.expected.h5", out_dir / f"{stem}.opt.h5", rtol
+        )
         ok = ok and same
         report.extend(f"[{kind}] {line}" for line in lines)
     return ok, report
@@ -53,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=h5compare.DEFAULT_RTOL)
     args = parser.parse_args(argv)
     name = args.name or Path(args.original).stem
-    ok, lines = run_value_test(name, Path(args.original).read_bytes(), Path(args.optimized).read_bytes(), args.out, args.rtol)
+    ok, lines = run_value_test(
+        name,
+        Path(args.original).read_bytes(),
+        Path(args.optimized).read_bytes(),
+        args.out,
+        args.rtol,
+    )
     print("\n".join(lines))
     return 0 if ok else 1
 

@@ -22,8 +22,16 @@ from .predicates import (
 
 STANDALONE = ("RELU", "RELU6", "RELU_N1_TO_1")
 HONOURS_FUSED_ACTIVATION = {
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_3D",
-    "ADD", "SUB", "MUL", "DIV", "MAX_POOL_2D", "AVERAGE_POOL_2D",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "CONV_3D",
+    "ADD",
+    "SUB",
+    "MUL",
+    "DIV",
+    "MAX_POOL_2D",
+    "AVERAGE_POOL_2D",
 }
 
 
@@ -41,7 +49,9 @@ class FuseActivation(Rule):
                 continue
             if not has_fused_activation_slot(producer) or fused_activation(producer) != "NONE":
                 continue  # nothing to fuse into: not a refusal worth reporting
-            if len(graph.consumers_of(relu.inputs[0])) != 1 or graph.is_graph_output(relu.inputs[0]):
+            if len(graph.consumers_of(relu.inputs[0])) != 1 or graph.is_graph_output(
+                relu.inputs[0]
+            ):
                 continue  # e.g. a residual sum that also feeds the shortcut
             try:
                 reason = ctx.excluded(graph, producer, relu)
@@ -57,6 +67,8 @@ class FuseActivation(Rule):
             set_fused_activation(producer, relu.opcode.name)
             graph.set_output(producer, 0, relu.outputs[0])
             graph.remove_op(relu)
-            self.rewrote(graph, ctx, labels, f"{relu.opcode.name} fused into {producer.opcode.name}")
+            self.rewrote(
+                graph, ctx, labels, f"{relu.opcode.name} fused into {producer.opcode.name}"
+            )
             count += 1
         return count

@@ -53,7 +53,11 @@ def scale_along_axis(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.nd
 def layer_bias(graph: Graph, layer: Table, channels: int) -> np.ndarray:
     position = LAYERS[layer.opcode.name].bias_input
     if position < len(layer.inputs) and layer.inputs[position] >= 0:
-        return require_float_constant(graph, layer.inputs[position], "bias").astype(np.float64).reshape(-1)
+        return (
+            require_float_constant(graph, layer.inputs[position], "bias")
+            .astype(np.float64)
+            .reshape(-1)
+        )
     return np.zeros(channels)
 
 
@@ -79,15 +83,21 @@ def activation_after_fold(layer: Table, affine: Affine) -> str:
     """The fused activation L gets, or Decline when L's activation blocks the fold."""
     layer_act, op_act = fused_activation(layer), fused_activation(affine.op)
     if op_act not in ACTIVATIONS_A_LAYER_RUNS:
-        raise Decline(f"{affine.op.opcode.name} has fused {op_act}, which {layer.opcode.name} cannot run")
+        raise Decline(
+            f"{affine.op.opcode.name} has fused {op_act}, which {layer.opcode.name} cannot run"
+        )
     if layer_act == "NONE":
         return op_act
     pure_positive_scale = np.all(affine.scale > 0) and not np.any(affine.shift)
     if layer_act == "RELU" and pure_positive_scale and op_act in ("NONE", "RELU", "RELU6"):
         return "RELU" if op_act == "NONE" else op_act
     if layer_act == "RELU" and not np.any(affine.shift):
-        raise Decline(f"{layer.opcode.name} has fused RELU and the scale is not positive in every channel")
-    raise Decline(f"{layer.opcode.name} has fused {layer_act}, which the {affine.op.opcode.name} does not commute with")
+        raise Decline(
+            f"{layer.opcode.name} has fused RELU and the scale is not positive in every channel"
+        )
+    raise Decline(
+        f"{layer.opcode.name} has fused {layer_act}, which the {affine.op.opcode.name} does not commute with"
+    )
 
 
 def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
@@ -99,7 +109,9 @@ def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
     weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
     channels = weights.shape[layout.output_channel_axis]
     if channels != len(affine.scale):
-        raise Decline(f"{layer.opcode.name} has {channels} output channels, the constant {len(affine.scale)}")
+        raise Decline(
+            f"{layer.opcode.name} has {channels} output channels, the constant {len(affine.scale)}"
+        )
     bias = layer_bias(graph, layer, channels)
     new_weights = scale_along_axis(weights, affine.scale, layout.output_channel_axis)
     new_bias = affine.scale * bias + affine.shift
@@ -134,7 +146,12 @@ class FoldIntoPrecedingLayer(Rule):
             except Decline as decline:
                 self.declined(graph, ctx, op, f"not folded into {layer.opcode.name}: {decline}")
                 continue
-            self.rewrote(graph, ctx, labels, f"{op.opcode.name} folded into the weights and bias of {layer.opcode.name}")
+            self.rewrote(
+                graph,
+                ctx,
+                labels,
+                f"{op.opcode.name} folded into the weights and bias of {layer.opcode.name}",
+            )
             count += 1
         return count
 

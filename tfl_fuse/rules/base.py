@@ -29,7 +29,9 @@ class Context:
                 name = graph.name(t)
                 for pattern in self.exclude:
                     if pattern.search(name):
-                        return f"output tensor {name!r} is excluded by --exclude {pattern.pattern!r}"
+                        return (
+                            f"output tensor {name!r} is excluded by --exclude {pattern.pattern!r}"
+                        )
         return None
 
 
@@ -52,13 +54,21 @@ class Rule:
     @staticmethod
     def labels(graph: Graph, ops: list[Table]) -> list[str]:
         """``TYPE:output-name`` of each op: take them before a rewrite renames outputs."""
-        return [f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops]
+        return [
+            f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops
+        ]
 
-    def rewrote(self, graph: Graph, ctx: Context, labels: list[str], detail: str, **extra: Any) -> None:
+    def rewrote(
+        self, graph: Graph, ctx: Context, labels: list[str], detail: str, **extra: Any
+    ) -> None:
         entry = {"rule": self.name, "subgraph": graph.index, "ops": labels, "detail": detail}
         entry.update(extra)
         ctx.rewrites.append(entry)
 
     def declined(self, graph: Graph, ctx: Context, op: Table, reason: str) -> None:
         where = f"subgraph {graph.index}: {op.opcode.name} -> {graph.name(op.outputs[0]) if op.outputs else '?'}"
-        ctx.declines[(self.name, where, reason)] = {"rule": self.name, "where": where, "reason": reason}
+        ctx.declines[(self.name, where, reason)] = {
+            "rule": self.name,
+            "where": where,
+            "reason": reason,
+        }

@@ -30,7 +30,9 @@ from .predicates import (
 )
 
 
-def make_linear(graph: Graph, op: Table, kind: str, data: int, constant: np.ndarray, activation: int) -> None:
+def make_linear(
+    graph: Graph, op: Table, kind: str, data: int, constant: np.ndarray, activation: int
+) -> None:
     """Turn ``op`` into ``kind(data, constant)`` with the given fused activation."""
     if op.opcode.name != kind:
         graph.set_op_type(op, kind, 1)
@@ -62,9 +64,7 @@ class MergeLinearChain(Rule):
                 affine1 = affine_of(graph, first)
             except Decline:
                 continue
-            canonical = (
-                first.opcode.name == "MUL" and second.opcode.name == "ADD"
-            )
+            canonical = first.opcode.name == "MUL" and second.opcode.name == "ADD"
             if canonical:
                 continue
             if fused_activation(first) != "NONE" or not has_one_consumer(graph, first.outputs[0]):
@@ -73,7 +73,9 @@ class MergeLinearChain(Rule):
                     if fused_activation(first) != "NONE"
                     else f"{graph.name(first.outputs[0])!r} has other consumers or is a graph output"
                 )
-                self.declined(graph, ctx, second, f"not merged with the preceding {first.opcode.name}: {why}")
+                self.declined(
+                    graph, ctx, second, f"not merged with the preceding {first.opcode.name}: {why}"
+                )
                 continue
             reason = ctx.excluded(graph, first, second)
             if reason:
@@ -93,7 +95,9 @@ class MergeLinearChain(Rule):
         return count
 
     @staticmethod
-    def _rewrite(graph: Graph, first: Table, second: Table, data: int, scale: np.ndarray, shift: np.ndarray) -> None:
+    def _rewrite(
+        graph: Graph, first: Table, second: Table, data: int, scale: np.ndarray, shift: np.ndarray
+    ) -> None:
         activation = second.builtinOptions.fusedActivationFunction
         needs_scale = bool(np.any(scale != 1))
         needs_shift = bool(np.any(shift != 0))

@@ -56,7 +56,9 @@ def evaluate(graph: Graph, op: Table) -> np.ndarray:
     if kind in ARITHMETIC:
         for t in inputs + [out]:
             if graph.dtype(t) != "FLOAT32":
-                raise Decline(f"{graph.name(t)!r} is {graph.dtype(t)}; constant arithmetic is folded for float32 only")
+                raise Decline(
+                    f"{graph.name(t)!r} is {graph.dtype(t)}; constant arithmetic is folded for float32 only"
+                )
         values = [graph.constant(t).astype(np.float64) for t in inputs]
         with np.errstate(all="ignore"):
             result = ARITHMETIC[kind](*values)
@@ -88,7 +90,9 @@ def evaluate(graph: Graph, op: Table) -> np.ndarray:
 
 class FoldConstants(Rule):
     name = "fold_constants"
-    summary = "ops whose inputs are all constants (decomposed BN arithmetic, reshapes) are evaluated once"
+    summary = (
+        "ops whose inputs are all constants (decomposed BN arithmetic, reshapes) are evaluated once"
+    )
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
@@ -112,6 +116,11 @@ class FoldConstants(Rule):
             tensor = graph.tensors[out]
             tensor.buffer = graph.model.add_buffer(value)
             graph.remove_op(op)
-            self.rewrote(graph, ctx, self.labels(graph, [op]), f"{op.opcode.name} of constants replaced by its value")
+            self.rewrote(
+                graph,
+                ctx,
+                self.labels(graph, [op]),
+                f"{op.opcode.name} of constants replaced by its value",
+            )
             count += 1
         return count

@@ -47,18 +47,26 @@ def input_channel_map(graph: Graph, layer: Table, weights: np.ndarray, channels:
     if kind == "DEPTHWISE_CONV_2D":
         out_channels = weights.shape[3]
         if out_channels % channels:
-            raise Decline(f"DEPTHWISE_CONV_2D has {out_channels} outputs for {channels} input channels")
+            raise Decline(
+                f"DEPTHWISE_CONV_2D has {out_channels} outputs for {channels} input channels"
+            )
         return np.arange(out_channels) // (out_channels // channels)
     size = weights.shape[layout.input_channel_axis]
     if size != channels:
         what = "grouped " if kind == "CONV_2D" and channels % size == 0 else ""
-        raise Decline(f"{what}{kind} reads {size} input channels per output, the constant has {channels}")
+        raise Decline(
+            f"{what}{kind} reads {size} input channels per output, the constant has {channels}"
+        )
     return np.arange(size)
 
 
 def absorb_scale(weights: np.ndarray, layer: Table, scale: np.ndarray) -> np.ndarray:
     layout = LAYERS[layer.opcode.name]
-    axis = layout.output_channel_axis if layer.opcode.name == "DEPTHWISE_CONV_2D" else layout.input_channel_axis
+    axis = (
+        layout.output_channel_axis
+        if layer.opcode.name == "DEPTHWISE_CONV_2D"
+        else layout.input_channel_axis
+    )
     shape = [1] * weights.ndim
     shape[axis] = -1
     return weights.astype(np.float64) * scale.reshape(shape)
@@ -79,19 +87,25 @@ def absorbed_shift(weights: np.ndarray, layer: Table, shift: np.ndarray) -> np.n
     raise Decline(f"a shift before {kind} is not exact at its borders")
 
 
-def plan_consumer(graph: Graph, layer: Table, affine: Affine, data_tensor: int) -> tuple[np.ndarray, np.ndarray]:
+def plan_consumer(
+    graph: Graph, layer: Table, affine: Affine, data_tensor: int
+) -> tuple[np.ndarray, np.ndarray]:
     """New (weights, bias) for one consumer, or Decline."""
     kind = layer.opcode.name
     if kind not in LAYERS:
         raise Decline(f"consumer {kind} cannot absorb a per-channel constant")
     layout = LAYERS[kind]
     if layer.inputs[layout.data_input] != data_tensor or list(layer.inputs).count(data_tensor) != 1:
-        raise Decline(f"{kind} reads {graph.name(data_tensor)!r} as something other than its data input")
+        raise Decline(
+            f"{kind} reads {graph.name(data_tensor)!r} as something other than its data input"
+        )
     has_shift = bool(np.any(affine.shift))
     has_scale = bool(np.any(affine.scale != 1))
     if has_shift:
         if kind == "TRANSPOSE_CONV":
-            raise Decline("a shift before TRANSPOSE_CONV is not exact: its border outputs sum fewer inputs")
+            raise Decline(
+                "a shift before TRANSPOSE_CONV is not exact: its border outputs sum fewer inputs"
+            )
         if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, layer):
             raise Decline(f"{kind} pads its input, and a shift of padded zeros is not exact")
     require_float32(graph, layer.outputs[0], f"{kind} output")
@@ -101,7 +115,11 @@ def plan_consumer(graph: Graph, layer: Table, affine: Affine, data_tensor: int) 
         raise Decline("FULLY_CONNECTED flattens its input across the channel axis")
     mapping = input_channel_map(graph, layer, weights, channels)
     bias = layer_bias(graph, layer, weights.shape[layout.output_channel_axis])
-    new_weights = absorb_scale(weights, layer, affine.scale[mapping]) if has_scale else weights.astype(np.float64)
+    new_weights = (
+        absorb_scale(weights, layer, affine.scale[mapping])
+        if has_scale
+        else weights.astype(np.float64)
+    )
     new_bias = bias + absorbed_shift(weights, layer, affine.shift[mapping]) if has_shift else bias
     require_finite(new_weights, new_bias)
     return new_weights, new_bias
@@ -146,6 +164,8 @@ class FoldIntoFollowingLayers(Rule):
                     set_layer_bias(graph, layer, bias)
                 graph.replace_input(layer, layout.data_input, affine.data)
             graph.remove_op(op)
-            self.rewrote(graph, ctx, labels, f"{op.opcode.name} folded into {len(plans)} following layer(s)")
+            self.rewrote(
+                graph, ctx, labels, f"{op.opcode.name} folded into {len(plans)} following layer(s)"
+            )
             count += 1
         return count

@@ -54,9 +54,15 @@ MAX_DEPTH = 64
 class Plan:
     """Constant changes to make together once every check has passed."""
 
-    weights: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # new weights per layer
-    bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # added to layer bias
-    constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)  # added to an ADD constant
+    weights: dict[int, tuple[Table, np.ndarray]] = field(
+        default_factory=dict
+    )  # new weights per layer
+    bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(
+        default_factory=dict
+    )  # added to layer bias
+    constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(
+        default_factory=dict
+    )  # added to an ADD constant
     visited: set[int] = field(default_factory=set)
 
     def add_bias(self, layer: Table, delta: np.ndarray) -> None:
@@ -102,18 +108,28 @@ def plan_scale(graph: Graph, tensor: int, scale: np.ndarray, plan: Plan, depth: 
         if kind in LAYERS:
             if id(consumer) in plan.weights:
                 raise Decline(f"{kind} reads the scaled tensor twice")
-            weights, _ = plan_consumer(graph, consumer, Affine(consumer, tensor, scale, np.zeros_like(scale)), tensor)
+            weights, _ = plan_consumer(
+                graph, consumer, Affine(consumer, tensor, scale, np.zeros_like(scale)), tensor
+            )
             plan.weights[id(consumer)] = (consumer, weights)
-        elif kind in SCALE_COMMUTING and consumer.inputs[0] == tensor and _channel_keeping(graph, consumer):
+        elif (
+            kind in SCALE_COMMUTING
+            and consumer.inputs[0] == tensor
+            and _channel_keeping(graph, consumer)
+        ):
             require_float32(graph, consumer.outputs[0], f"{kind} output")
             plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1)
         else:
-            raise Decline(f"consumer {kind} of {graph.name(tensor)!r} cannot absorb a per-channel scale")
+            raise Decline(
+                f"consumer {kind} of {graph.name(tensor)!r} cannot absorb a per-channel scale"
+            )
 
 
 def apply_weights(graph: Graph, plan: Plan) -> None:
     for layer, weights in plan.weights.values():
-        graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights.astype(np.float32))
+        graph.set_constant(
+            layer, LAYERS[layer.opcode.name].weight_input, weights.astype(np.float32)
+        )
 
 
 class MoveScaleForward(Rule):
@@ -139,10 +155,14 @@ class MoveScaleForward(Rule):
                 if reason:
                     raise Decline(reason)
                 scale = affine.scale
-                relu = mul_act == "RELU" or (shift_op is not None and fused_activation(shift_op) == "RELU")
+                relu = mul_act == "RELU" or (
+                    shift_op is not None and fused_activation(shift_op) == "RELU"
+                )
                 if relu and np.any(scale <= 0):
                     bad = np.flatnonzero(scale <= 0)
-                    raise Decline(f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}), so it cannot pass the RELU")
+                    raise Decline(
+                        f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}), so it cannot pass the RELU"
+                    )
                 if np.any(scale == 0):
                     raise Decline("scale is zero in some channel")
                 plan = Plan()
@@ -154,7 +174,12 @@ class MoveScaleForward(Rule):
                     require_finite(new_shift)
                     plan_scale(graph, shift_op.outputs[0], scale, plan)
             except Decline as decline:
-                self.declined(graph, ctx, shift_op or mul, f"scale {graph.name(mul.outputs[0])!r} not moved forward: {decline}")
+                self.declined(
+                    graph,
+                    ctx,
+                    shift_op or mul,
+                    f"scale {graph.name(mul.outputs[0])!r} not moved forward: {decline}",
+                )
                 continue
             apply_weights(graph, plan)
             if shift_op is None:
@@ -166,9 +191,18 @@ class MoveScaleForward(Rule):
             else:
                 from .chain import make_linear
 
-                make_linear(graph, shift_op, "ADD", affine.data, new_shift, shift_op.builtinOptions.fusedActivationFunction)
+                make_linear(
+                    graph,
+                    shift_op,
+                    "ADD",
+                    affine.data,
+                    new_shift,
+                    shift_op.builtinOptions.fusedActivationFunction,
+                )
                 graph.remove_op(mul)
-            self.rewrote(graph, ctx, labels, f"scale moved into {len(plan.weights)} following layer(s)")
+            self.rewrote(
+                graph, ctx, labels, f"scale moved into {len(plan.weights)} following layer(s)"
+            )
             count += 1
         return count
 
@@ -190,7 +224,9 @@ class MoveScaleForward(Rule):
 
 
 # shift -------------------------------------------------------------------------------------
-def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int = 0) -> None:
+def push_shift(
+    graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int = 0
+) -> None:
     """Plan for ``tensor`` to become tensor + delta, with every consumer but ``exclude`` compensated."""
     if depth > MAX_DEPTH:
         raise Decline("the shift would travel too far")
@@ -201,15 +237,27 @@ def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
     if producer is None:
         raise Decline(f"{graph.name(tensor)!r} is a graph input or constant")
     kind = producer.opcode.name
-    if fused_activation(producer) not in ("NONE",) and producer.get("builtinOptions") is not None and "fusedActivationFunction" in producer.builtinOptions.fields():
-        raise Decline(f"{kind} producing {graph.name(tensor)!r} has fused {fused_activation(producer)}")
+    if (
+        fused_activation(producer) not in ("NONE",)
+        and producer.get("builtinOptions") is not None
+        and "fusedActivationFunction" in producer.builtinOptions.fields()
+    ):
+        raise Decline(
+            f"{kind} producing {graph.name(tensor)!r} has fused {fused_activation(producer)}"
+        )
     if kind in LAYERS:
         require_float32(graph, tensor, f"{kind} output")
         require_float_constant(graph, producer.inputs[LAYERS[kind].weight_input], "weights")
         plan.add_bias(producer, delta)
-    elif kind in ("ADD", "SUB") and all(t >= 0 and not graph.is_constant(t) for t in producer.inputs):
+    elif kind in ("ADD", "SUB") and all(
+        t >= 0 and not graph.is_constant(t) for t in producer.inputs
+    ):
         # a residual sum: shift one branch (SUB: only its first operand)
-        branches = producer.inputs[:1] if kind == "SUB" else sorted(producer.inputs, key=lambda t: _branch_preference(graph, t))
+        branches = (
+            producer.inputs[:1]
+            if kind == "SUB"
+            else sorted(producer.inputs, key=lambda t: _branch_preference(graph, t))
+        )
         errors = []
         for branch in branches:
             trial = _copy_plan(plan)
@@ -221,8 +269,14 @@ def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
             _adopt(plan, trial)
             break
         else:
-            raise Decline(f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(errors)})")
-    elif kind in ("ADD", "SUB") and len(producer.inputs) == 2 and any(graph.is_constant(t) for t in producer.inputs):
+            raise Decline(
+                f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(errors)})"
+            )
+    elif (
+        kind in ("ADD", "SUB")
+        and len(producer.inputs) == 2
+        and any(graph.is_constant(t) for t in producer.inputs)
+    ):
         affine = affine_of(graph, producer)
         plan.add_constant(producer, delta)
         if np.any(affine.scale != 1):
@@ -232,7 +286,9 @@ def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
     elif kind == "CONCATENATION":
         _push_through_concat(graph, producer, tensor, delta, plan, depth)
     elif kind in ("PAD", "PADV2"):
-        raise Decline(f"the shift cannot cross the zero PAD {graph.name(tensor)!r}: the padded border would change")
+        raise Decline(
+            f"the shift cannot cross the zero PAD {graph.name(tensor)!r}: the padded border would change"
+        )
     else:
         raise Decline(f"{kind} producing {graph.name(tensor)!r} cannot take a shift")
     compensate(graph, tensor, delta, plan, exclude, depth + 1)
@@ -240,14 +296,22 @@ def push_shift(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
 
 def _branch_preference(graph: Graph, tensor: int) -> int:
     producer = graph.producer_of(tensor)
-    if producer is not None and producer.opcode.name in LAYERS and len(graph.consumers_of(tensor)) == 1:
+    if (
+        producer is not None
+        and producer.opcode.name in LAYERS
+        and len(graph.consumers_of(tensor)) == 1
+    ):
         return 0
     return 1
 
 
 def _is_channel_concat(graph: Graph, concat: Table) -> bool:
     rank = len(graph.shape(concat.outputs[0]))
-    return rank > 0 and concat.builtinOptions.axis % rank == rank - 1 and fused_activation(concat) == "NONE"
+    return (
+        rank > 0
+        and concat.builtinOptions.axis % rank == rank - 1
+        and fused_activation(concat) == "NONE"
+    )
 
 
 def _concat_delta(graph: Graph, concat: Table, tensor: int, delta: np.ndarray) -> np.ndarray:
@@ -262,7 +326,9 @@ def _concat_delta(graph: Graph, concat: Table, tensor: int, delta: np.ndarray) -
     return out
 
 
-def _push_through_concat(graph: Graph, concat: Table, tensor: int, delta: np.ndarray, plan: Plan, depth: int) -> None:
+def _push_through_concat(
+    graph: Graph, concat: Table, tensor: int, delta: np.ndarray, plan: Plan, depth: int
+) -> None:
     if not _is_channel_concat(graph, concat):
         raise Decline("CONCATENATION is not along the channel axis")
     start = 0
@@ -274,7 +340,9 @@ def _push_through_concat(graph: Graph, concat: Table, tensor: int, delta: np.nda
             push_shift(graph, part, piece, plan, concat, depth + 1)
 
 
-def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int) -> None:
+def compensate(
+    graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int
+) -> None:
     """``tensor`` now carries +delta: keep every consumer but ``exclude`` computing what it did."""
     if graph.is_graph_output(tensor):
         raise Decline(f"the shifted tensor {graph.name(tensor)!r} is a graph output")
@@ -283,7 +351,12 @@ def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
             continue
         kind = consumer.opcode.name
         others = [t for t in consumer.inputs if t != tensor]
-        if kind in ("ADD", "SUB") and len(consumer.inputs) == 2 and others and not graph.is_constant(others[0]):
+        if (
+            kind in ("ADD", "SUB")
+            and len(consumer.inputs) == 2
+            and others
+            and not graph.is_constant(others[0])
+        ):
             # a residual sum: take delta back out of the other branch
             sign = -1.0 if kind == "ADD" else 1.0  # a - (b + d) and (a + d) - b both need b + d
             push_shift(graph, others[0], sign * delta, plan, consumer, depth + 1)
@@ -292,36 +365,70 @@ def compensate(graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude
             if np.any(affine.scale != 1):
                 raise Decline("SUB from a constant reads the shifted tensor")
             plan.add_constant(consumer, -delta)
-        elif kind == "MUL" and len(others) == 1 and is_float_constant(graph, others[0]) and fused_activation(consumer) == "NONE":
+        elif (
+            kind == "MUL"
+            and len(others) == 1
+            and is_float_constant(graph, others[0])
+            and fused_activation(consumer) == "NONE"
+        ):
             affine = affine_of(graph, consumer)
             compensate(graph, consumer.outputs[0], affine.scale * delta, plan, None, depth + 1)
         elif kind in SHIFT_COMMUTING and fused_activation(consumer) == "NONE":
             compensate(graph, consumer.outputs[0], delta, plan, None, depth + 1)
         elif kind == "CONCATENATION" and _is_channel_concat(graph, consumer):
-            compensate(graph, consumer.outputs[0], _concat_delta(graph, consumer, tensor, delta), plan, None, depth + 1)
-        elif kind in LAYERS and kind != "TRANSPOSE_CONV" and consumer.inputs[LAYERS[kind].data_input] == tensor:
+            compensate(
+                graph,
+                consumer.outputs[0],
+                _concat_delta(graph, consumer, tensor, delta),
+                plan,
+                None,
+                depth + 1,
+            )
+        elif (
+            kind in LAYERS
+            and kind != "TRANSPOSE_CONV"
+            and consumer.inputs[LAYERS[kind].data_input] == tensor
+        ):
             if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, consumer):
-                raise Decline(f"{kind} reading {graph.name(tensor)!r} pads its input, so a shift cannot be compensated there")
-            _, bias = plan_consumer(graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor)
-            weights = require_float_constant(graph, consumer.inputs[LAYERS[kind].weight_input], "weights")
+                raise Decline(
+                    f"{kind} reading {graph.name(tensor)!r} pads its input, so a shift cannot be compensated there"
+                )
+            _, bias = plan_consumer(
+                graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor
+            )
+            weights = require_float_constant(
+                graph, consumer.inputs[LAYERS[kind].weight_input], "weights"
+            )
             from .backward import layer_bias
 
-            plan.add_bias(consumer, bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]))
+            plan.add_bias(
+                consumer,
+                bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]),
+            )
         elif kind in ("RELU", "RELU6", "RELU_N1_TO_1"):
             raise Decline(
                 f"{kind} {graph.name(consumer.outputs[0])!r} also reads {graph.name(tensor)!r} "
                 "(a BN whose own shift already went upstream), and an activation cannot be compensated"
             )
         else:
-            raise Decline(f"consumer {kind} of the shifted tensor {graph.name(tensor)!r} cannot be compensated")
+            raise Decline(
+                f"consumer {kind} of the shifted tensor {graph.name(tensor)!r} cannot be compensated"
+            )
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    return Plan(dict(plan.weights), dict(plan.bias_deltas), dict(plan.constant_deltas), set(plan.visited))
+    return Plan(
+        dict(plan.weights), dict(plan.bias_deltas), dict(plan.constant_deltas), set(plan.visited)
+    )
 
 
 def _adopt(plan: Plan, trial: Plan) -> None:
-    plan.weights, plan.bias_deltas, plan.constant_deltas, plan.visited = trial.weights, trial.bias_deltas, trial.constant_deltas, trial.visited
+    plan.weights, plan.bias_deltas, plan.constant_deltas, plan.visited = (
+        trial.weights,
+        trial.bias_deltas,
+        trial.constant_deltas,
+        trial.visited,
+    )
 
 
 def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]:
@@ -394,6 +501,11 @@ class PushShiftBackward(Rule):
             else:
                 graph.replace_uses(op.outputs[0], affine.data)
                 graph.remove_op(op)
-            self.rewrote(graph, ctx, labels, f"shift pushed into {len(plan.bias_deltas)} bias(es) upstream, {len(plan.constant_deltas)} constant(s) compensated")
+            self.rewrote(
+                graph,
+                ctx,
+                labels,
+                f"shift pushed into {len(plan.bias_deltas)} bias(es) upstream, {len(plan.constant_deltas)} constant(s) compensated",
+            )
             count += 1
         return count

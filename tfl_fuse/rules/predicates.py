@@ -122,7 +122,11 @@ def per_channel_vector(graph: Graph, tensor: int, channels: int, rank: int) -> n
     """
     value = require_float_constant(graph, tensor, "constant operand")
     shape = value.shape
-    if len(shape) > rank or any(d != 1 for d in shape[:-1]) or (shape and shape[-1] not in (1, channels)):
+    if (
+        len(shape) > rank
+        or any(d != 1 for d in shape[:-1])
+        or (shape and shape[-1] not in (1, channels))
+    ):
         raise Decline(
             f"constant {graph.name(tensor)!r} of shape {list(shape)} is not per-channel for {channels} channels"
         )
@@ -153,7 +157,9 @@ def affine_of(graph: Graph, op: Table) -> Affine:
     require_float32(graph, op.outputs[0], f"{kind} output")
     out_shape = graph.shape(op.outputs[0])
     if graph.shape(data) != out_shape or not out_shape:
-        raise Decline(f"the constant of {kind} broadcasts its input {graph.name(data)!r} to a larger shape")
+        raise Decline(
+            f"the constant of {kind} broadcasts its input {graph.name(data)!r} to a larger shape"
+        )
     channels = out_shape[-1]
     value = per_channel_vector(graph, const, channels, len(out_shape))
     ones, zeros = np.ones(channels), np.zeros(channels)
