@@ -142,3 +142,72 @@ def test_file_writer_streams_the_same_bytes(tmp_path):
     same.write_bytes(path.read_bytes())
     tfl_fuse.optimize_file(same, same)  # IN == OUT
     assert same.read_bytes() == expected
+
+
+def test_rarely_used_fields_survive_a_round_trip():
+    """Sparsity, per-axis quantization, shape signatures, variant tensors, custom ops and options,
+    descriptions, metadata, signature defs and op versions: every field goes through."""
+    import chef
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+    from conftest import RECIPES
+
+    data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")
+    model = fu.read_model_from_bytearray(bytearray(data))
+    sg = model.subgraphs[0]
+    weights = sg.tensors[1]
+    weights.shapeSignature = [8, 1, 1, -1]
+    q = tfl.QuantizationParametersT()
+    q.scale, q.zeroPoint, q.quantizedDimension = [0.5] * 8, [0] * 8, 0
+    q.min, q.max = [-1.0], [1.0]
+    weights.quantization = q
+    sparsity = tfl.SparsityParametersT()
+    sparsity.traversalOrder, sparsity.blockMap = [0, 1, 2, 3], []
+    dim = tfl.DimensionMetadataT()
+    dim.format, dim.denseSize = 0, 8
+    segments = tfl.Int32VectorT()
+    segments.values = [0, 2, 4]
+    dim.arraySegmentsType, dim.arraySegments = tfl.SparseIndexVector.Int32Vector, segments
+    sparsity.dimMetadata = [dim]
+    sg.tensors[0].sparsity = sparsity
+    variant = tfl.VariantSubTypeT()
+    variant.shape, variant.type, variant.hasRank = [2, 3], tfl.TensorType.FLOAT32, True
+    sg.tensors[3].variantTensors = [variant]
+    sg.tensors[3].hasRank = True
+    custom = tfl.OperatorCodeT()
+    custom.builtinCode = custom.deprecatedBuiltinCode = tfl.BuiltinOperator.CUSTOM
+    custom.customCode, custom.version = "MyCustomOp", 7
+    model.operatorCodes.append(custom)
+    op = tfl.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = (
+        len(model.operatorCodes) - 1,
+        [sg.outputs[0]],
+        [len(sg.tensors)],
+    )
+    op.customOptions, op.customOptionsFormat = list(b"flexbuffer-bytes"), 0
+    op.intermediates = [2]
+    extra = tfl.TensorT()
+    extra.name, extra.shape, extra.type, extra.buffer = "custom_out", [1, 8, 8, 8], 0, 0
+    sg.tensors.append(extra)
+    sg.operators.append(op)
+    sg.outputs = [len(sg.tensors) - 1]
+    model.description = "rare fields"
+    buffer = tfl.BufferT()
+    buffer.data = list(b"some metadata")
+    model.buffers.append(buffer)
+    metadata = tfl.MetadataT()
+    metadata.name, metadata.buffer = "my_metadata", len(model.buffers) - 1
+    model.metadata = [metadata]
+    model.signatureDefs[0].outputs[0].tensorIndex = len(sg.tensors) - 1
+    original = bytes(fu.convert_object_to_bytearray(model))
+
+    out = round_trip(original)
+    assert differences(original, out) == []
+    # and through circle and back
+    through_circle = bytes(
+        tfl_fuse.optimize(
+            bytes(tfl_fuse.optimize(original, [], output_format="circle")[0]),
+            [],
+            output_format="tflite",
+        )[0]
+    )
+    assert differences(original, through_circle) == []
