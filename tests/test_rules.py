@@ -112,3 +112,32 @@ def test_engine_reaches_a_fixed_point_and_reports_passes():
     g = binary("MUL", [3])
     report = engine.run(g.model, rules.select(None))
     assert report["passes"] >= 1 and report["ops_after"] == {"MUL": 1}
+
+
+def test_approximate_gamma_rule_is_off_by_default_and_says_what_it_changed(capsys):
+    from conftest import RECIPES
+
+    import tfl_fuse
+    from tfl_fuse import cli
+
+    assert "make_gamma_positive" not in [r.name for r in rules.default_rules()]
+    assert cli.main(["--list-rules"]) == 0
+    listed = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("make_gamma_positive")
+    ]
+    assert listed and "approximate; off by default" in listed[0]
+
+    data, _ = chef.cook(RECIPES / "Net_Preactivation_NegGamma_000")
+    _, exact = tfl_fuse.optimize(data)
+    assert exact["ops_after"].get("MUL", 0) == 1
+    chosen = [r.name for r in rules.ALL_RULES]
+    with pytest.raises(tfl_fuse.VerificationError) as error:
+        tfl_fuse.optimize(data, chosen, verify=True)
+    assert error.value.result["max_abs_diff"]["ofm"] > 0
+    out, report = tfl_fuse.optimize(data, chosen)
+    assert report["ops_after"].get("MUL", 0) == 0
+    assert any(
+        r.get("approximate") and "1 scale(s) <= 0" in r["detail"] for r in report["rewrites"]
+    )

@@ -107,6 +107,12 @@ def summary(report: dict[str, Any]) -> str:
         f"tfl-fuse: {sum(before.values())} -> {sum(after.values())} ops"
         + (f" ({changes})" if changes else "")
         + f"; {len(report['rewrites'])} rewrites, {len(report['declined'])} declined"
+        + (f"; verify: {report['verify']['summary']}" if "verify" in report else "")
+        + (
+            "; APPROXIMATE rules changed the outputs"
+            if any(r.get("approximate") for r in report["rewrites"])
+            else ""
+        )
     )
 
 

@@ -8,13 +8,14 @@ from .base import Context, Decline, Rule
 from .chain import MergeLinearChain
 from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
-from .preactivation import MoveScaleForward, PushShiftBackward
+from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
     MergeLinearChain(),
     FoldIntoPrecedingLayer(),
     FoldIntoFollowingLayers(),
+    MakeGammaPositive(),
     MoveScaleForward(),
     PushShiftBackward(),
     FuseActivation(),

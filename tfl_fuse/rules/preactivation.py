@@ -509,3 +509,56 @@ class PushShiftBackward(Rule):
             )
             count += 1
         return count
+
+
+POSITIVE_EPSILON = 1e-10
+
+
+class MakeGammaPositive(Rule):
+    """APPROXIMATE, off by default (Samsung ONE's make_batchnorm_gamma_positive).
+
+    In a pre-activation BN ``x -> MUL s -> ADD t (RELU)``, every s <= 0 is replaced by a tiny
+    positive value so that ``move_scale_forward`` can fold the BN. This changes what the model
+    computes in those channels (relu(s*x + t) becomes about relu(t)); run with --verify to see
+    the maximum output difference it causes.
+    """
+
+    name = "make_gamma_positive"
+    summary = "APPROXIMATE: in a pre-activation BN, replace scales <= 0 by 1e-10 so it folds (ONE's make_batchnorm_gamma_positive); check with --verify"
+    approximate = True
+    default = False
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        from .chain import make_linear
+
+        count = 0
+        for mul in graph.ops_of_type("MUL"):
+            if not graph.is_alive(mul):
+                continue
+            shift_op = MoveScaleForward._following_shift(graph, mul)
+            if (
+                shift_op is None
+                or fused_activation(shift_op) != "RELU"
+                or ctx.excluded(graph, mul, shift_op)
+            ):
+                continue
+            try:
+                affine = affine_of(graph, mul)
+            except Decline:
+                continue
+            bad = affine.scale <= 0
+            if not np.any(bad):
+                continue
+            labels = self.labels(graph, [mul, shift_op])
+            make_linear(
+                graph, mul, "MUL", affine.data, np.where(bad, POSITIVE_EPSILON, affine.scale), 0
+            )
+            self.rewrote(
+                graph,
+                ctx,
+                labels,
+                f"APPROXIMATE: {int(bad.sum())} scale(s) <= 0 replaced by {POSITIVE_EPSILON:g}",
+                approximate=True,
+            )
+            count += 1
+        return count
