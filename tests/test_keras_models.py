@@ -134,6 +134,13 @@ def small_conv3d_bn():
     return k.Model(inp, k.layers.BatchNormalization()(x))
 
 
+def small_dilated_conv_bn():
+    k = keras()
+    inp = k.Input((16, 16, 3))
+    x = k.layers.Conv2D(4, 3, padding="same", dilation_rate=2)(inp)
+    return k.Model(inp, k.layers.BatchNormalization()(x))
+
+
 @pytest.mark.parametrize(
     "name, make, mul_after, add_after",
     [
@@ -143,6 +150,7 @@ def small_conv3d_bn():
         ("concat_bn_relu_conv", small_concat_bn_relu_conv, 0, 0),
         ("dense_relu_bn_dense", small_dense_relu_bn_dense, 0, 0),
         ("conv3d_bn", small_conv3d_bn, 0, 0),
+        ("dilated_conv_bn", small_dilated_conv_bn, 0, 0),
     ],
 )
 def test_small_keras_cases(name, make, mul_after, add_after):

@@ -257,6 +257,12 @@ class Graph:
                 del self.producer[t]
                 self._maybe_orphan(t)
 
+    def move_before(self, op: Table, anchor: Table) -> None:
+        """Place ``op`` just before ``anchor`` in execution order (it now feeds ``anchor``)."""
+        operators = self.subgraph.operators
+        operators.remove(op)
+        operators.insert(next(i for i, o in enumerate(operators) if o is anchor), op)
+
     def set_op_type(self, op: Table, name: str, version: int | None = None) -> None:
         old = op.opcode
         new_version = old.version if version is None else version

@@ -9,10 +9,12 @@ from .chain import MergeLinearChain
 from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
 from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
+from .reorder import MoveBeforeRearrangement
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
     MergeLinearChain(),
+    MoveBeforeRearrangement(),
     FoldIntoPrecedingLayer(),
     FoldIntoFollowingLayers(),
     MakeGammaPositive(),
