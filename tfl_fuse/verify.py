@@ -106,6 +106,7 @@ def compare_models(
     reference = interpreter(original)
     names = [d["name"] for d in reference.get_output_details()]
     worst: dict[str, float] = {name: 0.0 for name in names}
+    relative: dict[str, float] = {name: 0.0 for name in names}
     match = True
     for k, kind in enumerate(kinds):
         inputs = random_inputs(reference, seed + k, kind)
@@ -120,12 +121,18 @@ def compare_models(
         for name, e, a in zip(names, expected, actual):
             ok, diff = compare_arrays(e, a, rtol)
             worst[name] = max(worst[name], diff)
+            if e.dtype.kind == "f" and e.size and np.isfinite(diff) and np.any(np.isfinite(e)):
+                scale = float(np.max(np.abs(e[np.isfinite(e)])))
+                relative[name] = max(relative[name], diff / scale if scale else diff)
             match = match and ok
-    summary = ", ".join(f"{n}: max |diff| {d:.3g}" for n, d in worst.items())
+    summary = ", ".join(
+        f"{n}: max |diff| {worst[n]:.3g} ({relative[n]:.2g} of max |output|)" for n in names
+    )
     return {
         "match": match,
         "summary": summary,
         "max_abs_diff": worst,
+        "max_rel_diff": relative,
         "seed": seed,
         "inputs": list(kinds),
     }
