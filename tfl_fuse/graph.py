@@ -9,7 +9,7 @@ a buffer or tensor shared with another user is never changed in place.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -87,6 +87,12 @@ class Graph:
             order = {id(op): i for i, op in enumerate(self.subgraph.operators)}
             found.sort(key=lambda op: order[id(op)])
         return found
+
+    def live_ops(self, *types: str) -> Iterator[Table]:
+        """Operators of the given types in graph order, skipping any a rewrite removed meanwhile."""
+        for op in self.ops_of_type(*types):
+            if id(op) not in self._dead:
+                yield op
 
     def is_alive(self, op: Table) -> bool:
         return id(op) not in self._dead

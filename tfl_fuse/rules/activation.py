@@ -41,8 +41,8 @@ class FuseActivation(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for relu in graph.ops_of_type(*STANDALONE):
-            if not graph.is_alive(relu) or len(relu.inputs) != 1:
+        for relu in graph.live_ops(*STANDALONE):
+            if len(relu.inputs) != 1:
                 continue
             producer = graph.producer_of(relu.inputs[0])
             if producer is None or producer.opcode.name not in HONOURS_FUSED_ACTIVATION:

@@ -130,9 +130,7 @@ class FoldIntoPrecedingLayer(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for op in graph.ops_of_type(*LINEAR_OPS):
-            if not graph.is_alive(op):
-                continue
+        for op in graph.live_ops(*LINEAR_OPS):
             layer = self._layer_before(graph, op)
             if layer is None:
                 continue

@@ -50,9 +50,7 @@ class MergeLinearChain(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for second in graph.ops_of_type(*LINEAR_OPS):
-            if not graph.is_alive(second):
-                continue
+        for second in graph.live_ops(*LINEAR_OPS):
             try:
                 affine2 = affine_of(graph, second)
             except Decline:

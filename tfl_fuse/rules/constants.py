@@ -96,8 +96,8 @@ class FoldConstants(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for op in graph.ops_of_type(*ARITHMETIC, *SHAPE_OPS):
-            if not graph.is_alive(op) or len(op.outputs) != 1:
+        for op in graph.live_ops(*ARITHMETIC, *SHAPE_OPS):
+            if len(op.outputs) != 1:
                 continue
             inputs = [t for t in op.inputs if t >= 0]
             if not inputs or not all(graph.is_constant(t) for t in inputs):

@@ -131,9 +131,7 @@ class FoldIntoFollowingLayers(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for op in graph.ops_of_type("MUL", "ADD", "SUB", "DIV"):
-            if not graph.is_alive(op):
-                continue
+        for op in graph.live_ops("MUL", "ADD", "SUB", "DIV"):
             out = op.outputs[0]
             consumers = graph.consumers_of(out)
             if not consumers or not any(c.opcode.name in LAYERS for c in consumers):

@@ -138,9 +138,7 @@ class MoveScaleForward(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for mul in graph.ops_of_type("MUL"):
-            if not graph.is_alive(mul):
-                continue
+        for mul in graph.live_ops("MUL"):
             try:
                 affine = affine_of(graph, mul)
             except Decline:
@@ -467,9 +465,7 @@ class PushShiftBackward(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for op in graph.ops_of_type("ADD", "SUB"):
-            if not graph.is_alive(op):
-                continue
+        for op in graph.live_ops("ADD", "SUB"):
             try:
                 affine = affine_of(graph, op)
             except Decline:
@@ -532,9 +528,7 @@ class MakeGammaPositive(Rule):
         from .chain import make_linear
 
         count = 0
-        for mul in graph.ops_of_type("MUL"):
-            if not graph.is_alive(mul):
-                continue
+        for mul in graph.live_ops("MUL"):
             shift_op = MoveScaleForward._following_shift(graph, mul)
             if (
                 shift_op is None

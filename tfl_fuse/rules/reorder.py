@@ -33,9 +33,7 @@ class MoveBeforeRearrangement(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        for op in graph.ops_of_type(*LINEAR_OPS):
-            if not graph.is_alive(op):
-                continue
+        for op in graph.live_ops(*LINEAR_OPS):
             try:
                 affine = affine_of(graph, op)
             except Decline:
