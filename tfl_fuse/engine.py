@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from .graph import Graph
-from .model import Model
+from .model import Model, ModelError
 from .rules import Context, Rule
 
 MAX_PASSES = 100
@@ -19,6 +19,20 @@ def op_counts(model: Model) -> dict[str, int]:
     for subgraph in model.subgraphs:
         counts.update(op.opcode.name for op in subgraph.operators)
     return dict(sorted(counts.items()))
+
+
+def _apply(rule: Rule, graph: Graph, ctx: Context) -> int:
+    try:
+        return rule.apply(graph, ctx)
+    except ModelError:
+        raise
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as error:
+        # Rules check what they rely on; a model inconsistent beyond those checks (shapes that
+        # contradict each other, missing options) ends the run rather than risk a wrong rewrite.
+        raise ModelError(
+            f"subgraph {graph.index}: rule {rule.name} met an inconsistent model "
+            f"({type(error).__name__}: {error})"
+        ) from None
 
 
 def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> dict[str, Any]:
@@ -43,7 +57,7 @@ def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> di
             ctx.declines = {
                 k: v for k, v in ctx.declines.items() if not k[1].startswith(f"subgraph {index}:")
             }
-            changed = sum(rule.apply(graph, ctx) for rule in rules)
+            changed = sum(_apply(rule, graph, ctx) for rule in rules)
             if not changed:
                 break
         graph.sweep()

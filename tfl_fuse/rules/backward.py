@@ -33,6 +33,7 @@ from .predicates import (
     Affine,
     affine_of,
     fused_activation,
+    layer_weights,
     require_finite,
     require_float32,
     require_float_constant,
@@ -53,11 +54,14 @@ def scale_along_axis(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.nd
 def layer_bias(graph: Graph, layer: Table, channels: int) -> np.ndarray:
     position = LAYERS[layer.opcode.name].bias_input
     if position < len(layer.inputs) and layer.inputs[position] >= 0:
-        return (
+        bias = (
             require_float_constant(graph, layer.inputs[position], "bias")
             .astype(np.float64)
             .reshape(-1)
         )
+        if bias.size != channels:
+            raise Decline(f"the bias has {bias.size} entries for {channels} output channels")
+        return bias
     return np.zeros(channels)
 
 
@@ -106,7 +110,7 @@ def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
     require_single_consumer(graph, layer.outputs[0], layer.opcode.name)
     activation = activation_after_fold(layer, affine)
     require_float32(graph, layer.outputs[0], f"{layer.opcode.name} output")
-    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
+    weights = layer_weights(graph, layer)
     channels = weights.shape[layout.output_channel_axis]
     if channels != len(affine.scale):
         raise Decline(

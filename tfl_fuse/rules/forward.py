@@ -33,9 +33,9 @@ from .predicates import (
     Affine,
     affine_of,
     fused_activation,
+    layer_weights,
     require_finite,
     require_float32,
-    require_float_constant,
     spatial_padding_is_zero,
 )
 
@@ -109,7 +109,7 @@ def plan_consumer(
         if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, layer):
             raise Decline(f"{kind} pads its input, and a shift of padded zeros is not exact")
     require_float32(graph, layer.outputs[0], f"{kind} output")
-    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
+    weights = layer_weights(graph, layer)
     channels = len(affine.scale)
     if kind == "FULLY_CONNECTED" and graph.shape(data_tensor)[-1] != weights.shape[1]:
         raise Decline("FULLY_CONNECTED flattens its input across the channel axis")

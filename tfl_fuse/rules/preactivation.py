@@ -39,9 +39,9 @@ from .predicates import (
     affine_of,
     fused_activation,
     is_float_constant,
+    layer_weights,
     require_finite,
     require_float32,
-    require_float_constant,
     spatial_padding_is_zero,
 )
 
@@ -245,7 +245,7 @@ def push_shift(
         )
     if kind in LAYERS:
         require_float32(graph, tensor, f"{kind} output")
-        require_float_constant(graph, producer.inputs[LAYERS[kind].weight_input], "weights")
+        layer_weights(graph, producer)
         plan.add_bias(producer, delta)
     elif kind in ("ADD", "SUB") and all(
         t >= 0 and not graph.is_constant(t) for t in producer.inputs
@@ -394,9 +394,7 @@ def compensate(
             _, bias = plan_consumer(
                 graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor
             )
-            weights = require_float_constant(
-                graph, consumer.inputs[LAYERS[kind].weight_input], "weights"
-            )
+            weights = layer_weights(graph, consumer)
             from .backward import layer_bias
 
             plan.add_bias(

@@ -38,6 +38,34 @@ LAYERS: dict[str, LayerLayout] = {
     "FULLY_CONNECTED": LayerLayout(0, 1, 2, output_channel_axis=0, input_channel_axis=1),
     "CONV_3D": LayerLayout(0, 1, 2, output_channel_axis=4, input_channel_axis=3),
 }
+WEIGHT_RANK = {
+    "CONV_2D": 4,
+    "DEPTHWISE_CONV_2D": 4,
+    "TRANSPOSE_CONV": 4,
+    "FULLY_CONNECTED": 2,
+    "CONV_3D": 5,
+}
+
+
+def layer_weights(graph: Graph, layer: Table) -> np.ndarray:
+    """A layer's float32 constant weights, checked against its operand list and output shape."""
+    kind = layer.opcode.name
+    layout = LAYERS[kind]
+    if len(layer.inputs) <= max(layout.data_input, layout.weight_input) or len(layer.outputs) != 1:
+        raise Decline(f"{kind} has an unexpected operand list")
+    if layer.get("builtinOptions") is None:
+        raise Decline(f"{kind} has no options")
+    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
+    if weights.ndim != WEIGHT_RANK[kind]:
+        raise Decline(f"{kind} weights have rank {weights.ndim}, expected {WEIGHT_RANK[kind]}")
+    out_shape = graph.shape(layer.outputs[0])
+    if not out_shape or out_shape[-1] != weights.shape[layout.output_channel_axis]:
+        raise Decline(
+            f"{kind} weights do not match its output's {out_shape[-1:] or 'missing'} channels"
+        )
+    return weights
+
+
 # Elementwise ops whose float kernels in LiteRT apply a fused activation.
 LINEAR_OPS = ("MUL", "ADD", "SUB", "DIV")
 OPTIONS_OF = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions", "DIV": "DivOptions"}
