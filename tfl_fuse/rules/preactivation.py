@@ -171,6 +171,9 @@ class MoveScaleForward(Rule):
                     new_shift = shift / scale
                     require_finite(new_shift)
                     plan_scale(graph, shift_op.outputs[0], scale, plan)
+                reason = ctx.excluded(graph, *(layer for layer, _ in plan.weights.values()))
+                if reason:
+                    raise Decline(reason)
             except Decline as decline:
                 self.declined(
                     graph,
@@ -481,6 +484,9 @@ class PushShiftBackward(Rule):
                 if id(op) in plan.constant_deltas:
                     raise Decline("the compensation would reach this ADD itself")
                 changes = materialize(graph, plan)
+                reason = ctx.excluded(graph, *(op for _, op, _ in changes))
+                if reason:
+                    raise Decline(reason)
             except Decline as decline:
                 self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")
                 continue
