@@ -162,3 +162,12 @@ def test_small_keras_cases(name, make, mul_after, add_after):
         _, constant_adds = residual_adds(out)
         assert explained(report, constant_adds) == []
     assert_outputs_match(data, out)
+
+
+def test_a_second_run_changes_nothing():
+    path = kerasmodels.application(
+        "ResNet50V2", input_shape=(64, 64, 3), classifier_activation=None
+    )
+    once, _ = tfl_fuse.optimize(path.read_bytes())
+    twice, report = tfl_fuse.optimize(once)
+    assert report["rewrites"] == [] and twice == once

@@ -10,6 +10,7 @@ from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
 from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
 from .reorder import MoveBeforeRearrangement
+from .standalone import StandaloneBnToDepthwise
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
@@ -21,6 +22,7 @@ ALL_RULES: list[Rule] = [
     MoveScaleForward(),
     PushShiftBackward(),
     FuseActivation(),
+    StandaloneBnToDepthwise(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
 
