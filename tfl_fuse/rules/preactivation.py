@@ -25,6 +25,8 @@ What cannot be proven exact stays, and the report says which BN, which step and 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,17 +54,14 @@ MAX_DEPTH = 64
 
 @dataclass
 class Plan:
-    """Constant changes to make together once every check has passed."""
+    """Constant changes to make together once every check has passed (keyed by id of the op)."""
 
-    weights: dict[int, tuple[Table, np.ndarray]] = field(
-        default_factory=dict
-    )  # new weights per layer
-    bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(
-        default_factory=dict
-    )  # added to layer bias
-    constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(
-        default_factory=dict
-    )  # added to an ADD constant
+    # new weights, new bias of layers that absorb a scale
+    weights: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
+    biases: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
+    # additions to layer biases and to ADD constants that carry or compensate a shift
+    bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
+    constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
 
     def add_bias(self, layer: Table, delta: np.ndarray) -> None:
@@ -94,8 +93,20 @@ def _channel_keeping(graph: Graph, op: Table) -> bool:
     return kind == "RESHAPE"
 
 
-def plan_scale(graph: Graph, tensor: int, scale: np.ndarray, plan: Plan, depth: int = 0) -> None:
-    """Plan for every consumer of ``tensor`` to absorb a positive per-channel ``scale``."""
+def plan_scale(
+    graph: Graph,
+    tensor: int,
+    scale: np.ndarray,
+    plan: Plan,
+    depth: int = 0,
+    constant: np.ndarray | None = None,
+) -> None:
+    """Plan for every consumer of ``tensor`` to absorb a non-negative per-channel ``scale``.
+
+    ``constant``: the value a channel with scale 0 holds everywhere (relu(t)); consumers add
+    its contribution to their bias, which is exact only where they apply no padding.
+    """
+    constant = np.zeros_like(scale) if constant is None else constant
     if depth > MAX_DEPTH:
         raise Decline("the scale would travel too far")
     if graph.is_graph_output(tensor):
@@ -108,17 +119,22 @@ def plan_scale(graph: Graph, tensor: int, scale: np.ndarray, plan: Plan, depth: 
         if kind in LAYERS:
             if id(consumer) in plan.weights:
                 raise Decline(f"{kind} reads the scaled tensor twice")
-            weights, _ = plan_consumer(
-                graph, consumer, Affine(consumer, tensor, scale, np.zeros_like(scale)), tensor
-            )
+            affine = Affine(consumer, tensor, scale, constant)
+            weights, bias = plan_consumer(graph, consumer, affine, tensor)
             plan.weights[id(consumer)] = (consumer, weights)
+            if np.any(constant):
+                plan.biases[id(consumer)] = (consumer, bias)
         elif (
             kind in SCALE_COMMUTING
             and consumer.inputs[0] == tensor
             and _channel_keeping(graph, consumer)
         ):
             require_float32(graph, consumer.outputs[0], f"{kind} output")
-            plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1)
+            if kind == "PAD" and np.any(constant):
+                raise Decline(
+                    "a channel with scale 0 holds a constant, which a zero PAD changes at the border"
+                )
+            plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1, constant)
         else:
             raise Decline(
                 f"consumer {kind} of {graph.name(tensor)!r} cannot absorb a per-channel scale"
@@ -126,10 +142,13 @@ def plan_scale(graph: Graph, tensor: int, scale: np.ndarray, plan: Plan, depth: 
 
 
 def apply_weights(graph: Graph, plan: Plan) -> None:
+    from .backward import set_layer_bias
+
     for layer, weights in plan.weights.values():
-        graph.set_constant(
-            layer, LAYERS[layer.opcode.name].weight_input, weights.astype(np.float32)
-        )
+        position = LAYERS[layer.opcode.name].weight_input
+        graph.set_constant(layer, position, weights.astype(np.float32))
+    for layer, bias in plan.biases.values():
+        set_layer_bias(graph, layer, bias)
 
 
 class MoveScaleForward(Rule):
@@ -156,21 +175,25 @@ class MoveScaleForward(Rule):
                 relu = mul_act == "RELU" or (
                     shift_op is not None and fused_activation(shift_op) == "RELU"
                 )
-                if relu and np.any(scale <= 0):
-                    bad = np.flatnonzero(scale <= 0)
+                if relu and np.any(scale < 0):
+                    bad = np.flatnonzero(scale < 0)
                     raise Decline(
-                        f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}), so it cannot pass the RELU"
+                        f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}: "
+                        f"{scale[bad[0]]:.3g}), so it cannot pass the RELU"
                     )
-                if np.any(scale == 0):
+                zero = scale == 0
+                if np.any(zero) and not relu:
                     raise Decline("scale is zero in some channel")
                 plan = Plan()
-                if shift_op is None:
+                if shift_op is None:  # relu(0 * x) = 0: a zero-scale channel holds 0
                     plan_scale(graph, mul.outputs[0], scale, plan)
                 else:
+                    # relu(0 * x + t) = relu(t): a zero-scale channel holds that constant
                     shift = affine_of(graph, shift_op).shift
-                    new_shift = shift / scale
+                    new_shift = np.where(zero, 0.0, shift / np.where(zero, 1.0, scale))
                     require_finite(new_shift)
-                    plan_scale(graph, shift_op.outputs[0], scale, plan)
+                    constant = np.where(zero, np.maximum(shift, 0.0), 0.0)
+                    plan_scale(graph, shift_op.outputs[0], scale, plan, constant=constant)
                 reason = ctx.excluded(graph, *(layer for layer, _ in plan.weights.values()))
                 if reason:
                     raise Decline(reason)
@@ -416,18 +439,12 @@ def compensate(
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    return Plan(
-        dict(plan.weights), dict(plan.bias_deltas), dict(plan.constant_deltas), set(plan.visited)
-    )
+    return Plan(**{f.name: copy.copy(getattr(plan, f.name)) for f in dataclasses.fields(plan)})
 
 
 def _adopt(plan: Plan, trial: Plan) -> None:
-    plan.weights, plan.bias_deltas, plan.constant_deltas, plan.visited = (
-        trial.weights,
-        trial.bias_deltas,
-        trial.constant_deltas,
-        trial.visited,
-    )
+    for f in dataclasses.fields(plan):
+        setattr(plan, f.name, getattr(trial, f.name))
 
 
 def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]:
