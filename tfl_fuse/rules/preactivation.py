@@ -225,7 +225,11 @@ class MoveScaleForward(Rule):
                 )
                 graph.remove_op(mul)
             self.rewrote(
-                graph, ctx, labels, f"scale moved into {len(plan.weights)} following layer(s)"
+                graph,
+                ctx,
+                labels,
+                f"scale moved into {len(plan.weights)} following layer(s)",
+                changed=self.labels(graph, [layer for layer, _ in plan.weights.values()]),
             )
             count += 1
         return count
@@ -508,6 +512,7 @@ class PushShiftBackward(Rule):
                 self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")
                 continue
             labels = self.labels(graph, [op])
+            changed = self.labels(graph, [target for _, target, _ in changes])
             apply_changes(graph, changes)
             if fused_activation(op) == "RELU":
                 graph.set_op_type(op, "RELU", 1)
@@ -523,6 +528,7 @@ class PushShiftBackward(Rule):
                 ctx,
                 labels,
                 f"shift pushed into {len(plan.bias_deltas)} bias(es) upstream, {len(plan.constant_deltas)} constant(s) compensated",
+                changed=changed,
             )
             count += 1
         return count
