@@ -23,10 +23,24 @@ def as_tflite(data: bytes | bytearray | memoryview) -> bytes:
     return bytes(fb.encode(fb.decode(data), "tflite"))
 
 
-def interpreter(data: bytes | bytearray | memoryview, threads: int = 1) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
+def interpreter(
+    data: bytes | bytearray | memoryview, threads: int = 1, delegate: bool = False
+) -> Any:
+    """A LiteRT interpreter; by default on LiteRT's built-in kernels, without the XNNPACK delegate.
 
-    interp = Interpreter(model_content=as_tflite(data), num_threads=threads)
+    Verification compares what two models compute, so it runs the reference kernels: a
+    delegate's own bugs would otherwise fake or hide a difference. (LiteRT 2.3.0's XNNPACK
+    delegate, for one, returns garbage for a standalone RELU or RELU6 followed by a 1x1
+    AVERAGE_POOL_2D, in any model.) The benchmark measures latency with the delegate.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    options = (
+        {}
+        if delegate
+        else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    )
+    interp = Interpreter(model_content=as_tflite(data), num_threads=threads, **options)
     interp.allocate_tensors()
     return interp
 

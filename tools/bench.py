@@ -148,7 +148,7 @@ def coverage(path: Path) -> tuple[dict, bytes, bytes]:
 def latency(original: bytes, optimized: bytes, threads: int, invokes: int) -> dict:
     interpreters = []
     for data in (original, optimized):
-        interp = verify.interpreter(data, threads=threads)
+        interp = verify.interpreter(data, threads=threads, delegate=True)
         for detail, value in zip(
             interp.get_input_details(), verify.random_inputs(interp, 0), strict=True
         ):

@@ -8,12 +8,14 @@ from .base import Context, Decline, Rule
 from .chain import MergeLinearChain
 from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
+from .identity import RemoveIdentity
 from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
+    RemoveIdentity(),
     MergeLinearChain(),
     MoveBeforeRearrangement(),
     FoldIntoPrecedingLayer(),

@@ -4,8 +4,13 @@ Math (DESIGN.md 3.8): relu(P(x)) computed by a separate op equals P(x) with its 
 activation set to RELU, for ops whose LiteRT float kernels apply the fused activation to
 their result (conv, depthwise, fully connected, conv 3D, elementwise arithmetic, pools).
 
-Exact when the producer's fused activation is NONE, its output has no other consumer and is
-not a graph output, and both tensors are float32 (a quantized RELU may requantize).
+Stacked clamps merge too: relu6(relu(y)) = relu(relu6(y)) = relu6(y) and relu(relu(y)) = relu(y),
+so a standalone RELU or RELU6 after a producer whose fused activation is RELU or RELU6 is
+absorbed into it.
+
+Exact when the producer's fused activation is NONE (or a stacking clamp as above), its
+output has no other consumer and is not a graph output, and both tensors are float32 (a
+quantized RELU may requantize).
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from .predicates import (
 )
 
 STANDALONE = ("RELU", "RELU6", "RELU_N1_TO_1")
+# (fused activation already there, standalone op) -> the single clamp that computes both
+STACKED = {
+    ("NONE", "RELU"): "RELU",
+    ("NONE", "RELU6"): "RELU6",
+    ("NONE", "RELU_N1_TO_1"): "RELU_N1_TO_1",
+    ("RELU", "RELU"): "RELU",
+    ("RELU", "RELU6"): "RELU6",
+    ("RELU6", "RELU"): "RELU6",
+    ("RELU6", "RELU6"): "RELU6",
+}
 HONOURS_FUSED_ACTIVATION = {
     "CONV_2D",
     "DEPTHWISE_CONV_2D",
@@ -47,7 +62,8 @@ class FuseActivation(Rule):
             producer = graph.producer_of(relu.inputs[0])
             if producer is None or producer.opcode.name not in HONOURS_FUSED_ACTIVATION:
                 continue
-            if not has_fused_activation_slot(producer) or fused_activation(producer) != "NONE":
+            combined = STACKED.get((fused_activation(producer), relu.opcode.name))
+            if not has_fused_activation_slot(producer) or combined is None:
                 continue  # nothing to fuse into: not a refusal worth reporting
             if len(graph.consumers_of(relu.inputs[0])) != 1 or graph.is_graph_output(
                 relu.inputs[0]
@@ -64,7 +80,7 @@ class FuseActivation(Rule):
                 self.declined(graph, ctx, relu, f"not fused into {producer.opcode.name}: {decline}")
                 continue
             labels = self.labels(graph, [producer, relu])
-            set_fused_activation(producer, relu.opcode.name)
+            set_fused_activation(producer, combined)
             graph.set_output(producer, 0, relu.outputs[0])
             graph.remove_op(relu)
             self.rewrote(

@@ -130,6 +130,9 @@ def plan_scale(
             and _channel_keeping(graph, consumer)
         ):
             require_float32(graph, consumer.outputs[0], f"{kind} output")
+            order_based = kind == "MAX_POOL_2D" or fused_activation(consumer) == "RELU"
+            if order_based and np.any(scale < 0):
+                raise Decline(f"{kind} (max or fused RELU) does not commute with a negative scale")
             if kind == "PAD" and np.any(constant):
                 raise Decline(
                     "a channel with scale 0 holds a constant, which a zero PAD changes at the border"
