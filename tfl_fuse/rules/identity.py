@@ -22,8 +22,11 @@ def is_identity(graph: Graph, op: Table) -> bool:
         return False
     x, y = op.inputs[0], op.outputs[0]
     same = graph.shape(x) == graph.shape(y) and graph.dtype(x) == graph.dtype(y)
-    same = same and repr(graph.tensors[x].get("quantization")) == repr(
-        graph.tensors[y].get("quantization")
+    tx, ty = graph.tensors[x], graph.tensors[y]
+    same = same and repr(tx.get("quantization")) == repr(ty.get("quantization"))
+    # a dynamic dimension (shape signature -1) must stay as it is
+    signature_x = list(tx.get("shapeSignature") or tx.shape or [])
+    same = same and signature_x == list(ty.get("shapeSignature") or ty.shape or [])
     )
     if not same:
         return False
