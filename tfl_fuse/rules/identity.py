@@ -27,7 +27,6 @@ def is_identity(graph: Graph, op: Table) -> bool:
     # a dynamic dimension (shape signature -1) must stay as it is
     signature_x = list(tx.get("shapeSignature") or tx.shape or [])
     same = same and signature_x == list(ty.get("shapeSignature") or ty.shape or [])
-    )
     if not same:
         return False
     if op.opcode.name in POOLS:
