@@ -6,7 +6,7 @@ tensorflow-cpu, cached in build/cache):
 
 * tool cost: wall time and peak RSS of ``python -m tfl_fuse IN OUT`` and of LiteRT's own
   ``flatbuffer_utils.read_model`` + ``write_model`` round trip on the same file, each in a fresh
-  process (median of 3), plus the in-process time of both (no interpreter start-up or imports);
+  process (median of 5), plus the in-process time of both (no interpreter start-up or imports);
 * coverage: MUL/ADD/SUB/DIV left by the converter and after tfl_fuse, max |output difference|;
 * inference: LiteRT latency (XNNPACK, 1 and 2 threads, median of N invokes after warm-up,
   original and optimized interleaved) and the speed-up;
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--invokes", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chains", default="1000,2000,5000")
     parser.add_argument("--out", default=str(ROOT / "bench"))
     args = parser.parse_args(argv)
