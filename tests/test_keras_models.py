@@ -7,6 +7,7 @@ shows in the outputs. Logits are compared (classifier_activation=None) with rtol
 from __future__ import annotations
 
 import kerasmodels
+import numpy as np
 import pytest
 
 import tfl_fuse
@@ -171,3 +172,74 @@ def test_a_second_run_changes_nothing():
     once, _ = tfl_fuse.optimize(path.read_bytes())
     twice, report = tfl_fuse.optimize(once)
     assert report["rewrites"] == [] and twice == once
+
+
+def _preact_model():
+    k = keras()
+    inp = k.Input((16, 16, 3))
+    x = k.layers.Conv2D(8, 3, padding="same")(inp)
+    y = k.layers.ReLU()(k.layers.BatchNormalization()(x))
+    y = k.layers.Conv2D(8, 3, padding="same")(y)
+    x = k.layers.Add()([x, y])
+    x = k.layers.ReLU()(k.layers.BatchNormalization()(x))
+    x = k.layers.GlobalAveragePooling2D()(x)
+    return k.Model(inp, k.layers.Dense(4)(x))
+
+
+def _converted(name, configure):
+    def build() -> bytes:
+        tf = kerasmodels.tf()
+        tf.keras.utils.set_random_seed(0)
+        model = _preact_model()
+        kerasmodels.randomize_batchnorm(model, 0)
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        configure(converter, tf)
+        return converter.convert()
+
+    return kerasmodels.cached(name, build)
+
+
+def _int8(converter, tf):
+    def representative():
+        rng = np.random.default_rng(0)
+        for _ in range(8):
+            yield [rng.normal(size=(1, 16, 16, 3)).astype(np.float32)]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+
+
+def _float16(converter, tf):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+
+
+def test_fully_int8_model_is_left_bit_exact():
+    data, out, report = optimize(_converted("preact-int8.tflite", _int8))
+    graph = Graph(fb.decode(data), 0)
+    assert graph.dtype(graph.subgraph.inputs[0]) == "INT8"
+    float_math = [r for r in report["rewrites"] if r["rule"] != "remove_identity"]
+    assert float_math == []
+    result = verify.compare_models(data, out)
+    assert result["match"] and max(result["max_abs_diff"].values()) == 0
+
+
+def test_float16_weight_model_keeps_its_fp16_weights():
+    data, out, report = optimize(_converted("preact-fp16.tflite", _float16))
+    assert report["ops_before"].get("DEQUANTIZE", 0) > 0
+    assert report["ops_after"].get("DEQUANTIZE", 0) == report["ops_before"]["DEQUANTIZE"]
+    original = fb.decode(data)
+    fp16 = [
+        bytes(original.buffers[t.buffer].data)
+        for t in original.subgraphs[0].tensors
+        if t.type == "FLOAT16"
+    ]
+    assert fp16
+    kept = {bytes(b.data) for b in fb.decode(out).buffers if b.data is not None}
+    assert all(buffer in kept for buffer in fp16)  # byte for byte
+    left = report["ops_after"].get("MUL", 0) + report["ops_after"].get("ADD", 0)
+    assert sum("float16" in d["reason"] for d in report["declined"]) >= min(left, 1)
+    assert_outputs_match(data, out)

@@ -35,6 +35,29 @@ def _apply(rule: Rule, graph: Graph, ctx: Context) -> int:
         ) from None
 
 
+def explain_float16(graph: Graph, ctx: Context) -> None:
+    """Say why a MUL/ADD/SUB/DIV by a float16 constant (DEQUANTIZE of FLOAT16) stays.
+
+    The rules see no constant there, so nothing declined it; the report should still explain it.
+    """
+    for op in graph.live_ops("MUL", "ADD", "SUB", "DIV"):
+        for tensor in op.inputs:
+            producer = graph.producer_of(tensor) if tensor >= 0 else None
+            if (
+                producer is not None
+                and producer.opcode.name == "DEQUANTIZE"
+                and graph.is_constant(producer.inputs[0])
+                and graph.dtype(producer.inputs[0]) == "FLOAT16"
+            ):
+                where = f"subgraph {graph.index}: {op.opcode.name} -> {graph.name(op.outputs[0])}"
+                reason = (
+                    f"its constant {graph.name(producer.inputs[0])!r} is float16 (DEQUANTIZE); "
+                    "float16 constants are not folded (a float16 result would be rounded, a float32 one would undo the model's float16 compression)"
+                )
+                ctx.declines[("*", where, reason)] = {"rule": "*", "where": where, "reason": reason}
+                break
+
+
 def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> dict[str, Any]:
     """Apply ``rules`` to ``model`` in place until nothing changes; return the report."""
     ctx = Context(exclude=[re.compile(p) for p in exclude or []])
@@ -60,6 +83,8 @@ def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> di
             changed = sum(_apply(rule, graph, ctx) for rule in rules)
             if not changed:
                 break
+        if rules:
+            explain_float16(graph, ctx)
         graph.sweep()
     return {
         "ops_before": before,
