@@ -243,3 +243,12 @@ def test_float16_weight_model_keeps_its_fp16_weights():
     left = report["ops_after"].get("MUL", 0) + report["ops_after"].get("ADD", 0)
     assert sum("float16" in d["reason"] for d in report["declined"]) >= min(left, 1)
     assert_outputs_match(data, out)
+
+
+def test_resnet50_v1_strides_move_up_exactly():
+    path = kerasmodels.application("ResNet50", input_shape=(64, 64, 3), classifier_activation=None)
+    data, out, report = optimize(path)
+    moved = [r for r in report["rewrites"] if r["rule"] == "move_stride_up"]
+    assert len(moved) == 3  # the first block of stages 3, 4 and 5
+    assert report["ops_after"]["MAX_POOL_2D"] == report["ops_before"]["MAX_POOL_2D"] + 3
+    assert assert_outputs_match(data, out) == 0.0  # pixels are only selected: bit-exact

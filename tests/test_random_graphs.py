@@ -57,9 +57,39 @@ class Builder:
     def step(self, x):
         rng = self.rng
         _, h, w, c = self.shapes[x]
-        choice = rng.choice(
-            ["conv", "conv", "dw", "bn", "bn", "bn", "affine", "relu", "pool", "residual", "concat"]
-        )
+        kinds = [
+            "conv",
+            "conv",
+            "dw",
+            "bn",
+            "bn",
+            "bn",
+            "affine",
+            "relu",
+            "pool",
+            "residual",
+            "concat",
+        ]
+        choice = rng.choice(kinds + ["strided"])
+        if choice == "strided" and h >= 2:
+            out_c = rng.randint(2, 6)
+            outs = []
+            for _ in range(rng.choice([1, 2])):  # one or two 1x1 stride-2 consumers of x
+                weights = self.tensor([out_c, 1, 1, c], {"kind": "gaussian", "stddev": 0.4})
+                bias = self.tensor([out_c], {"kind": "gaussian"})
+                shape = [1, -(-h // 2), -(-w // 2), out_c]
+                padding = rng.choice(["SAME", "VALID"])
+                outs.append(
+                    self.op(
+                        "CONV_2D",
+                        [x, weights, bias],
+                        shape,
+                        padding=padding,
+                        stride_w=2,
+                        stride_h=2,
+                    )
+                )
+            return outs[-1]
         if choice == "conv":
             k = rng.choice([1, 3])
             padding = (
@@ -174,6 +204,7 @@ def test_random_networks_exercise_the_rules():
         _, report = tfl_fuse.optimize(fb.encode(chef.build_model(recipe)))
         fired |= {r["rule"] for r in report["rewrites"]}
     wanted = {
+        "move_stride_up",
         "fold_into_preceding_layer",
         "fold_into_following_layers",
         "merge_linear_chain",

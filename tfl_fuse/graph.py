@@ -263,6 +263,26 @@ class Graph:
                 del self.producer[t]
                 self._maybe_orphan(t)
 
+    def set_shape(self, tensor: int, shape: list[int]) -> None:
+        self._set_shape(self.tensors[tensor], tuple(shape))
+
+    def insert_op(
+        self, kind: str, inputs: list[int], outputs: list[int], options: Table | None, before: Table
+    ) -> Table:
+        """A new operator placed just before ``before`` in execution order."""
+        op = Table(
+            "Operator",
+            opcode=self.model.opcode(kind, 1),
+            inputs=list(inputs),
+            outputs=list(outputs),
+        )
+        if options is not None:
+            op.builtinOptions = options
+        operators = self.subgraph.operators
+        operators.insert(next(i for i, o in enumerate(operators) if o is before), op)
+        self._index_op(op)
+        return op
+
     def move_before(self, op: Table, anchor: Table) -> None:
         """Place ``op`` just before ``anchor`` in execution order (it now feeds ``anchor``)."""
         operators = self.subgraph.operators

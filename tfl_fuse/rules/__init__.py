@@ -12,6 +12,7 @@ from .identity import RemoveIdentity
 from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
+from .stride import MoveStrideUp
 
 ALL_RULES: list[Rule] = [
     FoldConstants(),
@@ -24,6 +25,7 @@ ALL_RULES: list[Rule] = [
     MoveScaleForward(),
     PushShiftBackward(),
     FuseActivation(),
+    MoveStrideUp(),
     StandaloneBnToDepthwise(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
