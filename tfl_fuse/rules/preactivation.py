@@ -484,6 +484,18 @@ def apply_changes(graph: Graph, changes: list[tuple[str, Table, np.ndarray]]) ->
             make_linear(graph, op, "ADD", data, value, op.builtinOptions.fusedActivationFunction)
 
 
+def _after_own_scale(graph: Graph, tensor: int) -> bool:
+    """Whether ``tensor`` is the output of a MUL/DIV by a per-channel constant (a BN's first half)."""
+    producer = graph.producer_of(tensor)
+    if producer is None or producer.opcode.name not in ("MUL", "DIV"):
+        return False
+    try:
+        affine_of(graph, producer)
+    except Decline:
+        return False
+    return True
+
+
 class PushShiftBackward(Rule):
     name = "push_shift_backward"
     summary = "an ADD of a per-channel constant (with or without RELU) goes into the biases upstream, across residual ADDs, pools and concats, compensated exactly on the other consumers"
@@ -497,6 +509,8 @@ class PushShiftBackward(Rule):
                 continue
             if np.any(affine.scale != 1) or fused_activation(op) not in ("NONE", "RELU"):
                 continue
+            if _after_own_scale(graph, affine.data):
+                continue  # the BN's MUL is still there: move_scale_forward says why
             try:
                 reason = ctx.excluded(graph, op)
                 if reason:
