@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tfl_fuse
-from tfl_fuse import fb, verify
+from tfl_fuse import fb, rules, verify
 from tfl_fuse.graph import Graph
 
 pytestmark = pytest.mark.slow
@@ -252,3 +252,19 @@ def test_resnet50_v1_strides_move_up_exactly():
     assert len(moved) == 3  # the first block of stages 3, 4 and 5
     assert report["ops_after"]["MAX_POOL_2D"] == report["ops_before"]["MAX_POOL_2D"] + 3
     assert assert_outputs_match(data, out) == 0.0  # pixels are only selected: bit-exact
+
+
+def test_mobilenet_v3_hard_swish_scales_move_into_the_next_layers():
+    path = kerasmodels.application(
+        "MobileNetV3Small", input_shape=(64, 64, 3), classifier_activation=None
+    )
+    data = path.read_bytes()
+    _, default = tfl_fuse.optimize(data)
+    assert default["ops_after"]["MUL"] == 18  # only the input rescaling folds by default
+    chosen = [r.name for r in rules.default_rules()] + ["move_bare_scale_forward"]
+    out, report = tfl_fuse.optimize(data, chosen)
+    assert report["ops_before"]["MUL"] == 19
+    assert (
+        report["ops_after"]["MUL"] == 9
+    )  # the products x * relu6(x + 3) remain; every 1/6 is gone
+    assert_outputs_match(data, out)

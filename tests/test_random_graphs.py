@@ -147,6 +147,9 @@ class Builder:
             if s == [1, h, w, c] and t != x and not self._is_constant(t)
         ]
         if choice == "residual" and same:
+            if rng.random() < 0.4:  # a product of two tensors, as in hard-swish or squeeze-excite
+                act = rng.choice(["NONE", "RELU"])
+                return self.op("MUL", [x, rng.choice(same)], [1, h, w, c], activation=act)
             return self.op("ADD", [x, rng.choice(same)], [1, h, w, c])
         spatial = [
             t

@@ -9,7 +9,12 @@ from .chain import MergeLinearChain
 from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
 from .identity import RemoveIdentity
-from .preactivation import MakeGammaPositive, MoveScaleForward, PushShiftBackward
+from .preactivation import (
+    MakeGammaPositive,
+    MoveBareScaleForward,
+    MoveScaleForward,
+    PushShiftBackward,
+)
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
@@ -23,6 +28,7 @@ ALL_RULES: list[Rule] = [
     FoldIntoFollowingLayers(),
     MakeGammaPositive(),
     MoveScaleForward(),
+    MoveBareScaleForward(),
     PushShiftBackward(),
     FuseActivation(),
     MoveStrideUp(),

@@ -138,10 +138,32 @@ def plan_scale(
                     "a channel with scale 0 holds a constant, which a zero PAD changes at the border"
                 )
             plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1, constant)
+        elif kind == "MUL" and _is_product_passing(graph, consumer, tensor):
+            # a * (s * b) = s * (a * b): the scale passes a product of two tensors
+            if np.any(constant):
+                raise Decline(
+                    "a channel with scale 0 holds a constant, which a product does not keep"
+                )
+            if fused_activation(consumer) == "RELU" and np.any(scale < 0):
+                raise Decline("MUL with fused RELU does not commute with a negative scale")
+            plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1)
         else:
             raise Decline(
                 f"consumer {kind} of {graph.name(tensor)!r} cannot absorb a per-channel scale"
             )
+
+
+def _is_product_passing(graph: Graph, mul: Table, tensor: int) -> bool:
+    """A MUL of two computed tensors, one of them ``tensor``, keeping the channel axis."""
+    if len(mul.inputs) != 2 or list(mul.inputs).count(tensor) != 1 or len(mul.outputs) != 1:
+        return False
+    if any(graph.is_constant(t) for t in mul.inputs) or fused_activation(mul) not in (
+        "NONE",
+        "RELU",
+    ):
+        return False
+    out = mul.outputs[0]
+    return graph.dtype(out) == "FLOAT32" and graph.shape(out)[-1:] == graph.shape(tensor)[-1:]
 
 
 def apply_weights(graph: Graph, plan: Plan) -> None:
@@ -155,6 +177,7 @@ def apply_weights(graph: Graph, plan: Plan) -> None:
 
 
 class MoveScaleForward(Rule):
+    bare_only = False
     name = "move_scale_forward"
     summary = "pre-activation BN: relu(s*x+t) = s*relu(x+t/s) for s>0; s goes into the following layers (through pools, MEAN, zero PAD, RESHAPE)"
 
@@ -167,8 +190,9 @@ class MoveScaleForward(Rule):
                 continue
             shift_op = self._following_shift(graph, mul)
             mul_act = fused_activation(mul)
-            if shift_op is None and mul_act != "RELU":
-                continue  # a bare MUL: the forward and backward folds handle it
+            bare = shift_op is None and mul_act == "NONE"  # e.g. a hard-swish's 1/6
+            if (shift_op is None and mul_act not in ("RELU", "NONE")) or bare != self.bare_only:
+                continue
             try:
                 labels = self.labels(graph, [mul] + ([shift_op] if shift_op else []))
                 reason = ctx.excluded(graph, mul, *([shift_op] if shift_op else []))
@@ -201,15 +225,19 @@ class MoveScaleForward(Rule):
                 if reason:
                     raise Decline(reason)
             except Decline as decline:
-                self.declined(
-                    graph,
-                    ctx,
-                    shift_op or mul,
-                    f"scale {graph.name(mul.outputs[0])!r} not moved forward: {decline}",
-                )
+                if not bare:  # a bare MUL's refusals are the forward and backward folds' to report
+                    self.declined(
+                        graph,
+                        ctx,
+                        shift_op or mul,
+                        f"scale {graph.name(mul.outputs[0])!r} not moved forward: {decline}",
+                    )
                 continue
             apply_weights(graph, plan)
-            if shift_op is None:
+            if bare:
+                graph.replace_uses(mul.outputs[0], affine.data)
+                graph.remove_op(mul)
+            elif shift_op is None:
                 graph.set_op_type(mul, "RELU", 1)
                 mul.builtinOptions = None
                 graph.replace_input(mul, 0, affine.data)
@@ -252,6 +280,19 @@ class MoveScaleForward(Rule):
         if np.any(affine.scale != 1) or fused_activation(users[0]) not in ("NONE", "RELU"):
             return None
         return users[0]
+
+
+class MoveBareScaleForward(MoveScaleForward):
+    """The same move for a MUL by a constant with no ADD and no RELU after it (a hard-swish's 1/6).
+
+    Off by default: on MobileNetV3Large (224x224) it removes 9 of 17 MULs, exactly, yet LiteRT's
+    XNNPACK runs the result about 5% slower (0.95x at 1 thread), so it is for other runtimes.
+    """
+
+    bare_only = True
+    default = False
+    name = "move_bare_scale_forward"
+    summary = "a MUL by a constant without ADD or RELU (hard-swish's 1/6) moves through products into the next layers; off by default: 0.95x on XNNPACK for MobileNetV3"
 
 
 # shift -------------------------------------------------------------------------------------
