@@ -142,13 +142,6 @@ class Graph:
             )
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
-    def _buffer_users(self) -> dict[int, int]:
-        counts: dict[int, int] = defaultdict(int)
-        for subgraph in self.model.subgraphs:
-            for t in subgraph.tensors:
-                counts[t.buffer] += 1
-        return counts
-
     def set_constant(self, op: Table, position: int, value: np.ndarray) -> int:
         """Give input ``position`` of ``op`` the constant ``value``, copy-on-write.
 
