@@ -167,7 +167,7 @@ class Graph:
         """Append a constant tensor (unique name) and return its index."""
         if like is not None:
             t = self.tensors[like].copy()
-            t.quantization = None if t.get("quantization") is None else t.quantization
+            t.sparsity = None  # the new data is dense
             type_name = t.type
         else:
             t = Table(
