@@ -33,7 +33,9 @@ import numpy as np
 
 from ..graph import Graph
 from ..model import Table
+from .backward import layer_bias, set_layer_bias
 from .base import Context, Decline, Rule
+from .chain import make_linear
 from .forward import plan_consumer
 from .predicates import (
     LAYERS,
@@ -167,7 +169,6 @@ def _is_product_passing(graph: Graph, mul: Table, tensor: int) -> bool:
 
 
 def apply_weights(graph: Graph, plan: Plan) -> None:
-    from .backward import set_layer_bias
 
     for layer, weights in plan.weights.values():
         position = LAYERS[layer.opcode.name].weight_input
@@ -244,8 +245,6 @@ class MoveScaleForward(Rule):
                 graph.replace_input(mul, 1, -1)
                 mul.inputs = [affine.data]
             else:
-                from .chain import make_linear
-
                 make_linear(
                     graph,
                     shift_op,
@@ -469,7 +468,6 @@ def compensate(
                 graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor
             )
             weights = layer_weights(graph, consumer)
-            from .backward import layer_bias
 
             plan.add_bias(
                 consumer,
@@ -497,7 +495,6 @@ def _adopt(plan: Plan, trial: Plan) -> None:
 
 def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]:
     """The new bias and ADD constants a plan makes, checked finite, before anything changes."""
-    from .backward import layer_bias
 
     changes = []
     for layer, delta in plan.bias_deltas.values():
@@ -514,8 +511,6 @@ def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]
 
 
 def apply_changes(graph: Graph, changes: list[tuple[str, Table, np.ndarray]]) -> None:
-    from .backward import set_layer_bias
-    from .chain import make_linear
 
     for kind, op, value in changes:
         if kind == "bias":
@@ -610,7 +605,6 @@ class MakeGammaPositive(Rule):
     default = False
 
     def apply(self, graph: Graph, ctx: Context) -> int:
-        from .chain import make_linear
 
         count = 0
         for mul in graph.live_ops("MUL"):

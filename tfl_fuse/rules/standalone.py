@@ -16,6 +16,7 @@ import numpy as np
 from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule
+from .preactivation import MoveScaleForward
 from .predicates import affine_of, fused_activation
 
 
@@ -27,8 +28,6 @@ class StandaloneBnToDepthwise(Rule):
     default = False
 
     def apply(self, graph: Graph, ctx: Context) -> int:
-        from .preactivation import MoveScaleForward
-
         count = 0
         for mul in graph.live_ops("MUL"):
             add = MoveScaleForward._following_shift(graph, mul)
