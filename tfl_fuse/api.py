@@ -30,12 +30,15 @@ def optimize_image(
     output_format: str | None = None,
     verify: bool = False,
     seed: int = 0,
+    target: str = "float",
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     """Like :func:`optimize`, but the output is an :class:`~tfl_fuse.fb.Encoded` image to write."""
+    if target not in rules.TARGETS:
+        raise ValueError(f"target must be one of {', '.join(rules.TARGETS)}, not {target!r}")
     model = fb.decode(data)
     source_format = model.format
-    chosen = rules.select(rules_to_run, disable)
-    report = engine.run(model, chosen, exclude)
+    chosen = rules.select(rules_to_run, disable, target)
+    report = engine.run(model, chosen, exclude, target)
     target = output_format or source_format
     image = fb.encode_image(model, target)
     report["format"] = {"input": source_format, "output": target}
@@ -58,15 +61,18 @@ def optimize(
     output_format: str | None = None,
     verify: bool = False,
     seed: int = 0,
+    target: str = "float",
 ) -> tuple[bytes, dict[str, Any]]:
     """Optimize model bytes; return (output bytes, report).
 
     ``rules_to_run``: rule names, [] for none (a pure decode/encode), None for the defaults.
+    ``target``: "float" (the output is the model to deploy) or "int8" (a float model that a
+    quantizer takes next: among exact forms, the rules choose the one that quantizes best).
     Raises ModelError for bad input, KeyError for an unknown rule name, and
     VerificationError when ``verify`` finds a mismatch.
     """
     image, report = optimize_image(
-        data, rules_to_run, disable, exclude, output_format, verify, seed
+        data, rules_to_run, disable, exclude, output_format, verify, seed, target
     )
     return image.tobytes(), report
 

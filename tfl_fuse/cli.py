@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave alone ops whose output tensor name matches REGEX (repeatable)",
     )
     parser.add_argument(
+        "--target",
+        choices=rules.TARGETS,
+        default="float",
+        help="float: the output is the model to deploy; int8: the output is a float model to "
+        "quantize next (scales stay on output-channel axes or become per-channel ops, "
+        "quantizer-ready form) (default: float)",
+    )
+    parser.add_argument(
         "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
     )
     parser.add_argument("--dry-run", action="store_true", help="run everything but write no model")
@@ -86,11 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
 def list_rules() -> str:
     lines = []
     for rule in rules.ALL_RULES:
-        tag = (
-            " [approximate; off by default]"
-            if rule.approximate
-            else ("" if rule.default else " [off by default]")
-        )
+        if rule.approximate:
+            tag = " [approximate; off by default]"
+        elif rule.is_default("float") == rule.is_default("int8"):
+            tag = "" if rule.default else " [off by default]"
+        else:
+            tag = (
+                " [on by default only with --target int8]"
+                if rule.is_default("int8")
+                else " [off by default with --target int8]"
+            )
         lines.append(f"{rule.name:32s} {rule.summary}{tag}")
     return "\n".join(lines)
 
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chosen = _names(args.rules)
     try:
-        rules.select(chosen, _names(args.disable))
+        rules.select(chosen, _names(args.disable), args.target)
     except KeyError as error:
         parser.error(f"unknown rule {error.args[0]!r}; see --list-rules")
 
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.exclude,
                     output_format,
                     verify=args.verify,
+                    target=args.target,
                 )
             except VerificationError as error:
                 _emit_report(args, {"verify": error.result})

@@ -58,9 +58,11 @@ def explain_float16(graph: Graph, ctx: Context) -> None:
                 break
 
 
-def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> dict[str, Any]:
+def run(
+    model: Model, rules: list[Rule], exclude: list[str] | None = None, target: str = "float"
+) -> dict[str, Any]:
     """Apply ``rules`` to ``model`` in place until nothing changes; return the report."""
-    ctx = Context(exclude=[re.compile(p) for p in exclude or []])
+    ctx = Context(exclude=[re.compile(p) for p in exclude or []], target=target)
     before = op_counts(model)
     passes = 0
     for index, subgraph in enumerate(model.subgraphs):
@@ -92,5 +94,6 @@ def run(model: Model, rules: list[Rule], exclude: list[str] | None = None) -> di
         "rewrites": ctx.rewrites,
         "declined": list(ctx.declines.values()),
         "rules": [rule.name for rule in rules],
+        "target": target,
         "passes": passes,
     }

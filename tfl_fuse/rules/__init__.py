@@ -37,17 +37,36 @@ ALL_RULES: list[Rule] = [
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
 
 
-def default_rules() -> list[Rule]:
-    return [rule for rule in ALL_RULES if rule.default and not rule.approximate]
+TARGETS = ("float", "int8")
 
 
-def select(names: list[str] | None, disabled: list[str] | None = None) -> list[Rule]:
-    """Rules by name (None: the defaults), minus ``disabled``, in engine order. KeyError names an unknown one."""
+def default_rules(target: str = "float") -> list[Rule]:
+    return [rule for rule in ALL_RULES if rule.is_default(target)]
+
+
+def select(
+    names: list[str] | None, disabled: list[str] | None = None, target: str = "float"
+) -> list[Rule]:
+    """Rules by name (None: the target's defaults), minus ``disabled``, in engine order.
+
+    KeyError names an unknown one.
+    """
     for name in list(names or []) + list(disabled or []):
         if name not in RULES_BY_NAME:
             raise KeyError(name)
-    chosen = default_rules() if names is None else [r for r in ALL_RULES if r.name in set(names)]
+    chosen = (
+        default_rules(target) if names is None else [r for r in ALL_RULES if r.name in set(names)]
+    )
     return [r for r in chosen if r.name not in set(disabled or [])]
 
 
-__all__ = ["ALL_RULES", "RULES_BY_NAME", "Context", "Decline", "Rule", "default_rules", "select"]
+__all__ = [
+    "ALL_RULES",
+    "RULES_BY_NAME",
+    "TARGETS",
+    "Context",
+    "Decline",
+    "Rule",
+    "default_rules",
+    "select",
+]

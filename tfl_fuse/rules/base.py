@@ -19,6 +19,9 @@ class Context:
     """Collects what rules did and refused, and carries the user's options."""
 
     exclude: list[re.Pattern] = field(default_factory=list)
+    # "float": the output is the model to deploy; "int8": a float model a quantizer takes next,
+    # so among exact forms the rules choose the one that quantizes best (README, --target).
+    target: str = "float"
     rewrites: list[dict[str, Any]] = field(default_factory=list)
     declines: dict[tuple, dict[str, Any]] = field(default_factory=dict)
 
@@ -46,6 +49,14 @@ class Rule:
     summary: str = ""
     approximate: bool = False  # changes the function computed; never on by default
     default: bool = True
+    int8_default: bool | None = None  # on by default with --target int8 (None: as ``default``)
+
+    def is_default(self, target: str = "float") -> bool:
+        if self.approximate:
+            return False
+        if target == "int8" and self.int8_default is not None:
+            return self.int8_default
+        return self.default
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         raise NotImplementedError
