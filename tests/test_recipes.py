@@ -15,7 +15,10 @@ def optimize_recipe(recipe_dir):
     expect = recipe.get("expect", {})
     rules = expect.get("rules")
     out, report = tfl_fuse.optimize(
-        data, None if rules in (None, "all") else list(rules), exclude=expect.get("exclude")
+        data,
+        None if rules in (None, "all") else list(rules),
+        exclude=expect.get("exclude"),
+        target=expect.get("target", "float"),
     )
     return data, bytes(out), report, expect
 
