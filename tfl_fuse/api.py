@@ -66,8 +66,9 @@ def optimize(
     """Optimize model bytes; return (output bytes, report).
 
     ``rules_to_run``: rule names, [] for none (a pure decode/encode), None for the defaults.
-    ``target``: "float" (the output is the model to deploy) or "int8" (a float model that a
-    quantizer takes next: among exact forms, the rules choose the one that quantizes best).
+    ``target``: "float" (the output is the model to deploy), "int8" (a float model that a static
+    int8 quantizer takes next: among exact forms, the rules choose the one that quantizes best)
+    or "dynamic" (likewise, for dynamic-range quantization: int8 weights, float activations).
     Raises ModelError for bad input, KeyError for an unknown rule name, and
     VerificationError when ``verify`` finds a mismatch.
     """

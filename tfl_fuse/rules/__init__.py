@@ -37,7 +37,7 @@ ALL_RULES: list[Rule] = [
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
 
 
-TARGETS = ("float", "int8")
+TARGETS = ("float", "int8", "dynamic")
 
 
 def default_rules(target: str = "float") -> list[Rule]:
