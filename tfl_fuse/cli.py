@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(int8 weights, float activations) (default: float)",
     )
     parser.add_argument(
+        "--weight-granularity",
+        choices=rules.WEIGHT_GRANULARITIES,
+        default="channel",
+        help="with --target int8 or dynamic: how the quantizer will quantize weights, one scale "
+        "per output channel (the converters' default) or per tensor (default: channel)",
+    )
+    parser.add_argument(
         "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
     )
     parser.add_argument("--dry-run", action="store_true", help="run everything but write no model")
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     output_format,
                     verify=args.verify,
                     target=args.target,
+                    weight_granularity=args.weight_granularity,
                 )
             except VerificationError as error:
                 _emit_report(args, {"verify": error.result})

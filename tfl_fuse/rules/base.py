@@ -32,6 +32,10 @@ class Context:
 
     rewrites: list[dict[str, Any]] = field(default_factory=list)
     declines: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    # how the quantizer that comes next quantizes weights: "channel" (per output channel, the
+    # default of TFLite's converter and ai-edge-quantizer) or "tensor"
+    weight_granularity: str = "channel"
+    memo: dict[str, Any] = field(default_factory=dict)  # what a rule remembers across passes
 
     def excluded(self, graph: Graph, *ops: Table) -> str | None:
         """The first --exclude pattern that matches an output tensor name of ``ops``."""
