@@ -66,7 +66,8 @@ SECOND_LAYERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # (bench/results.md). With one scale per channel, 1.25 still let one palm_detection_lite pair
 # through that made an output 1.15x worse; 1.4 keeps every output at or below the untouched one.
 MIN_GAIN = {"channel": 1.4, "tensor": 1.0}  # predicted noise before / after
-R_LIMIT = 1e3  # no channel scaled by more than this (a dead channel would otherwise explode)
+R_LIMIT = 1e3
+MAX_TIMES = 4  # no channel scaled by more than this (a dead channel would otherwise explode)
 
 
 def output_channel_ranges(weights: np.ndarray, axis: int) -> np.ndarray:
@@ -146,9 +147,11 @@ class EqualizeCrossLayer(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
-        done = ctx.memo.setdefault(self.name, set())  # each pair once: no ping-pong along chains
+        # A pair is decided again after its neighbours changed (the engine runs to a fixed
+        # point, so a second run finds nothing left); the count bounds any ping-pong in a chain.
+        times = ctx.memo.setdefault(self.name, {})
         for first in graph.live_ops(*FIRST_LAYERS):
-            if id(first) in done or len(first.outputs) != 1:
+            if times.get(id(first), 0) >= MAX_TIMES or len(first.outputs) != 1:
                 continue
             middle, second = _between(graph, first)
             if second is None or fused_activation(first) not in ("NONE", "RELU"):
@@ -158,9 +161,9 @@ class EqualizeCrossLayer(Rule):
             except Decline as decline:
                 self.declined(graph, ctx, first, f"not equalized with the next layer: {decline}")
                 continue
-            done.add(id(first))
             if plan is None:
                 continue
+            times[id(first)] = times.get(id(first), 0) + 1
             new_w1, new_b1, new_w2, gain = plan
             labels = self.labels(graph, [o for o in (first, middle, second) if o is not None])
             graph.set_constant(first, LAYERS[first.opcode.name].weight_input, new_w1)

@@ -104,6 +104,7 @@ class StandaloneBnToDepthwise(Rule):
             last = add if add is not None else op
             pair = [o for o in (mul, add) if o is not None]
             labels = self.labels(graph, pair)
+            what = " and ".join(o.opcode.name for o in pair)
             channels = len(scale)
             name = graph.name(last.outputs[0])
             weights = graph.add_constant(
@@ -127,7 +128,6 @@ class StandaloneBnToDepthwise(Rule):
             graph.append_input(last, bias)
             if len(pair) == 2:
                 graph.remove_op(mul)
-            what = " and ".join(o.opcode.name for o in pair)
             self.rewrote(graph, ctx, labels, f"{what} became one DEPTHWISE_CONV_2D 1x1")
             count += 1
         return count
