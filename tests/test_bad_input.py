@@ -13,7 +13,9 @@ import pytest
 from ai_edge_litert.tools import flatbuffer_utils
 from conftest import RECIPES
 
-from tfl_fuse import cli
+import tfl_fuse
+from tfl_fuse import cli, fb
+from tfl_fuse.model import ModelError
 
 GOOD_RECIPE = RECIPES / "Net_Conv_Add_Mul_000"
 
@@ -224,3 +226,163 @@ def test_corrupted_bytes_never_crash(capsys, tmp_path, recipe):
         if code:
             assert len(err.strip().splitlines()) == 1 and "internal error" not in err, err
     assert outcomes[1] > 0
+
+
+# Structural validation: every inconsistency the fuzzer found is refused before any rule runs.
+# Tensors of Net_Conv_Add_Mul_000: 0 ifm, 1 ker, 2 bias, 3 conv, 4 scale, 5 mul, 6 shift, 7 ofm;
+# operators: 0 CONV_2D, 1 MUL, 2 ADD.
+def _tensor(m, name):
+    return next(t for t in m.subgraphs[0].tensors if t.name in (name, name.encode()))
+
+
+def _large_custom_options(m):
+    m.subgraphs[0].operators[0].largeCustomOptionsOffset = 2**63
+    m.subgraphs[0].operators[0].largeCustomOptionsSize = 16
+
+
+def _large_custom_options_size(m):
+    m.subgraphs[0].operators[0].largeCustomOptionsOffset = 16
+    m.subgraphs[0].operators[0].largeCustomOptionsSize = 2**64 - 1
+
+
+def _buffer_offset_past_end(m):
+    buffer = m.buffers[_tensor(m, "ker").buffer]
+    buffer.data, buffer.offset, buffer.size = None, 2**40, 128
+
+
+def _buffer_data_and_offset(m):
+    buffer = m.buffers[_tensor(m, "ker").buffer]
+    buffer.offset, buffer.size = 16, len(buffer.data)
+
+
+def _stride_zero(m):
+    m.subgraphs[0].operators[0].builtinOptions.strideW = 0
+
+
+def _dilation_zero(m):
+    m.subgraphs[0].operators[0].builtinOptions.dilationHFactor = 0
+
+
+def _options_of_another_op(m):
+    conv, mul = m.subgraphs[0].operators[0], m.subgraphs[0].operators[1]
+    conv.builtinOptionsType, conv.builtinOptions = mul.builtinOptionsType, mul.builtinOptions
+
+
+def _options_on_an_op_without_options(m):
+    m.subgraphs[0].operators[1].builtinOptionsType = 1  # MUL with Conv2DOptions
+    m.subgraphs[0].operators[1].builtinOptions = m.subgraphs[0].operators[0].builtinOptions
+
+
+def _quantization(**fields):
+    def change(m):
+        from ai_edge_litert import schema_py_generated as schema
+
+        q = schema.QuantizationParametersT()
+        q.scale = fields.get("scale", [0.5] * 8)
+        q.zeroPoint = fields.get("zeroPoint", [0] * len(q.scale))
+        q.quantizedDimension = fields.get("quantizedDimension", 0)
+        _tensor(m, "ker").quantization = q
+
+    return change
+
+
+def _no_outputs(m):
+    m.subgraphs[0].outputs = []
+
+
+def _constant_size(m):
+    _tensor(m, "ker").shape = [8, 1, 1, 5]
+
+
+def _negative_dimension(m):
+    _tensor(m, "conv").shape = [1, -8, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (_large_custom_options, "large custom options at offset 9223372036854775808"),
+        (_large_custom_options_size, "lie past the end of the file"),
+        (_buffer_offset_past_end, "data at offset 1099511627776, size 128 lie past the end"),
+        (_buffer_data_and_offset, "has both inline data and an offset"),
+        (_stride_zero, "Conv2DOptions.strideW is 0, must be >= 1"),
+        (_dilation_zero, "Conv2DOptions.dilationHFactor is 0, must be >= 1"),
+        (_options_of_another_op, "carries MulOptions, but CONV_2D takes Conv2DOptions"),
+        (_options_on_an_op_without_options, "carries Conv2DOptions, but MUL takes MulOptions"),
+        (_quantization(scale=[0.5] * 3), "3 quantization scales, but shape [8, 1, 1, 4] has 8"),
+        (_quantization(scale=[0.5, float("nan")] + [1.0] * 6), "scale that is not finite"),
+        (_quantization(quantizedDimension=7), "quantizedDimension 7 is out of range"),
+        (_quantization(zeroPoint=[0, 0]), "8 quantization scales but 2 zero points"),
+        (_no_outputs, "has no outputs"),
+        (_constant_size, "constant of 128 bytes, but shape [8, 1, 1, 5] of FLOAT32 needs 160"),
+        (_negative_dimension, "negative dimension"),
+    ],
+    ids=[
+        "large-custom-options-offset",
+        "large-custom-options-size",
+        "buffer-offset",
+        "buffer-data-and-offset",
+        "stride-0",
+        "dilation-0",
+        "options-of-another-op",
+        "options-on-mul",
+        "quant-length",
+        "quant-nan-scale",
+        "quant-dimension",
+        "quant-zero-points",
+        "no-outputs",
+        "constant-size",
+        "negative-dimension",
+    ],
+)
+def test_structural_validation(capsys, tmp_path, good_model, change, expect):
+    assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)
+    with pytest.raises(ModelError, match="^[^\n]+$"):  # the API: a ModelError, one line
+        tfl_fuse.optimize(corrupt(good_model, change))
+
+
+def test_constant_graph_input_is_not_folded():
+    """A graph input with data is the caller's to overwrite (LiteRT allows it): never folded."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    recipe = {
+        "inputs": ["x", "c"],
+        "outputs": ["out"],
+        "operand": [
+            {"name": "x", "shape": [1, 4]},
+            {"name": "c", "shape": [1, 4], "filler": {"kind": "gaussian"}},
+            {"name": "k", "shape": [1, 4], "filler": {"kind": "gaussian"}},
+            {"name": "ck", "shape": [1, 4]},
+            {"name": "out", "shape": [1, 4]},
+        ],
+        "operation": [
+            {"type": "ADD", "inputs": ["c", "k"], "outputs": ["ck"]},
+            {"type": "MUL", "inputs": ["x", "ck"], "outputs": ["out"]},
+        ],
+    }
+    data = fb.encode(chef.build_model(recipe))
+    optimized, report = tfl_fuse.optimize(data)
+    assert report["ops_after"] == {"ADD": 1, "MUL": 1}
+
+    def run(model: bytes) -> np.ndarray:
+        interpreter = Interpreter(model_content=model)
+        interpreter.allocate_tensors()
+        for detail, value in zip(interpreter.get_input_details(), ([[1, 2, 3, 4]], [[5, 6, 7, 8]])):
+            interpreter.set_tensor(detail["index"], np.asarray(value, dtype=np.float32))
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    expected = run(data)
+    k = chef.fill({"kind": "gaussian"}, [1, 4], np.dtype("<f4"), 2, "k")
+    np.testing.assert_allclose(expected, [[1, 2, 3, 4]] * ([[5, 6, 7, 8]] + k), rtol=1e-6)
+    np.testing.assert_allclose(run(optimized), expected, rtol=1e-6)
+
+
+def test_variable_tensor_is_not_folded(good_model):
+    def change(m):
+        for t in m.subgraphs[0].tensors:
+            if t.name in (b"shift", "shift"):
+                t.isVariable = True
+
+    _, report = tfl_fuse.optimize(corrupt(good_model, change))
+    assert report["ops_after"].get("ADD") == 1 and "MUL" not in report["ops_after"]

@@ -139,14 +139,16 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
         raise ModelError(str(error.args[0])) from None
 
     buffers = []
-    for buffer in obj.buffers or []:
+    for b, buffer in enumerate(obj.buffers or []):
         payload = buffer.data
         if buffer.offset > 1:  # data stored after the flatbuffer (models over 2 GB)
-            if buffer.offset + buffer.size > len(data):
+            if payload is not None and len(payload):
+                # LiteRT reads the inline data, other readers the offset: refuse the ambiguity.
                 raise ModelError(
-                    f"buffer data at offset {buffer.offset} is past the end of the file"
+                    f"buffer {b} has both inline data and an offset ({buffer.offset}); "
+                    "a buffer holds one or the other"
                 )
-            payload = np.frombuffer(data, dtype=np.uint8, count=buffer.size, offset=buffer.offset)
+            payload = _external(data, buffer.offset, buffer.size, f"buffer {b} data")
         buffers.append(Table("Buffer", data=payload, offset=0, size=0))
 
     tensor_types = fmt.enum_names("TensorType")
@@ -162,7 +164,7 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
             if name is None:
                 raise ModelError(f"tensor {tensor.name!r} has unknown type code {tensor.type}")
             tensor.type = name
-        for op in subgraph.operators:
+        for k, op in enumerate(subgraph.operators):
             index = op.__dict__.pop("opcodeIndex")
             if not 0 <= index < len(opcodes):
                 raise ModelError(
@@ -173,8 +175,17 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
             op.inputs = op.inputs or []
             op.outputs = op.outputs or []
             if op.get("largeCustomOptionsOffset", 0) > 1:
-                start, size = op.largeCustomOptionsOffset, op.largeCustomOptionsSize
-                op.customOptions = np.frombuffer(data, dtype=np.uint8, count=size, offset=start)
+                what = f"operator {k} of subgraph {len(subgraphs)}"
+                if op.get("customOptions") is not None and len(op.customOptions):
+                    raise ModelError(
+                        f"{what} has both inline custom options and large custom options"
+                    )
+                op.customOptions = _external(
+                    data,
+                    op.largeCustomOptionsOffset,
+                    op.largeCustomOptionsSize,
+                    f"{what} large custom options",
+                )
                 op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
         subgraphs.append(subgraph)
 
@@ -183,6 +194,17 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
     for name in ("operatorCodes", "subgraphs", "buffers"):
         root.__dict__.pop(name, None)
     return Model(fmt.name, root, opcodes, subgraphs, buffers)
+
+
+def _external(
+    data: bytes | bytearray | memoryview, offset: int, size: int, what: str
+) -> np.ndarray:
+    """Bytes stored after the flatbuffer at (offset, size), checked to lie inside the file."""
+    if not 0 <= offset <= len(data) or not 0 <= size <= len(data) - offset:
+        raise ModelError(
+            f"{what} at offset {offset}, size {size} lie past the end of the file ({len(data)} bytes)"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,9 +58,13 @@ class Graph:
         self._names = {t.name for t in self.tensors}
         for op in self.subgraph.operators:
             self._index_op(op)
-        self.pinned = set(self.subgraph.inputs) | set(self.subgraph.outputs)
+        # Graph inputs: the caller may overwrite them, even when the model gives them data.
+        self.inputs = set(self.subgraph.inputs)
+        self.pinned = self.inputs | set(self.subgraph.outputs)
         for signature in model.signature_defs:
             if signature.get("subgraphIndex", 0) == index:
+                for entry in signature.get("inputs") or []:
+                    self.inputs.add(entry.tensorIndex)
                 for entry in (signature.get("inputs") or []) + (signature.get("outputs") or []):
                     self.pinned.add(entry.tensorIndex)
 
@@ -118,7 +122,12 @@ class Graph:
 
     # constants -----------------------------------------------------------------------------
     def is_constant(self, tensor: int) -> bool:
-        if tensor < 0:
+        """The tensor holds data no one can change: not computed, not variable, no graph input.
+
+        LiteRT lets the caller overwrite a graph input that has data, and a variable tensor is
+        state that ops write, so neither is a constant to fold, however much data it carries.
+        """
+        if tensor < 0 or tensor in self.inputs:
             return False
         t = self.tensors[tensor]
         if t.get("isVariable") or tensor in self.producer and self.producer_of(tensor) is not None:

@@ -1,10 +1,98 @@
-"""Structural checks of a decoded model, so rules can trust every index they follow."""
+"""Structural checks of a decoded model, so rules can trust every index, option and constant.
+
+Every model is validated before any rule runs; what fails is a ModelError naming the first
+inconsistency, so a rule never meets a model that LiteRT would read differently (or not at all).
+"""
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from functools import cache
 
+import numpy as np
+
+from . import formats
 from .model import Model, ModelError, Table
+
+# Options tables shared by several operators, whose names do not follow from the operator's
+# name; every other operator's table is found by name (CONV_2D -> Conv2DOptions).
+SHARED_OPTIONS = {
+    "Pool2DOptions": ("AVERAGE_POOL_2D", "MAX_POOL_2D", "L2_POOL_2D"),
+    "ReducerOptions": (
+        "MEAN",
+        "SUM",
+        "REDUCE_PROD",
+        "REDUCE_MAX",
+        "REDUCE_MIN",
+        "REDUCE_ANY",
+        "REDUCE_ALL",
+    ),
+    "MaximumMinimumOptions": ("MAXIMUM", "MINIMUM"),
+    "L2NormOptions": ("L2_NORMALIZATION",),
+    "SequenceRNNOptions": ("UNIDIRECTIONAL_SEQUENCE_RNN",),
+    "RandomOptions": ("RANDOM_STANDARD_NORMAL", "RANDOM_UNIFORM", "MULTINOMIAL"),
+    "Conv3DOptions": ("CONV_3D_TRANSPOSE",),
+}
+# Operators whose options are theirs to define (a custom op or delegate may carry anything).
+FREE_OPTIONS = {"CUSTOM", "DELEGATE", "PLACEHOLDER_FOR_GREATER_OP_CODES"}
+# Fields that LiteRT divides by or multiplies a kernel extent with: each must be >= 1.
+POSITIVE_FIELDS = (
+    "strideW",
+    "strideH",
+    "strideD",
+    "dilationWFactor",
+    "dilationHFactor",
+    "dilationDFactor",
+    "filterWidth",
+    "filterHeight",
+)
+# Constant element types with a fixed size per element (strings and packed int4 are not).
+FIXED_SIZE_TYPES = {
+    "FLOAT32": 4,
+    "FLOAT16": 2,
+    "FLOAT64": 8,
+    "INT32": 4,
+    "UINT8": 1,
+    "INT64": 8,
+    "BOOL": 1,
+    "INT16": 2,
+    "INT8": 1,
+    "UINT64": 8,
+    "UINT32": 4,
+    "UINT16": 2,
+    "COMPLEX64": 8,
+    "COMPLEX128": 16,
+    "BFLOAT16": 2,
+}
+
+
+@cache
+def options_of(format_name: str) -> dict[str, dict[str, str]]:
+    """Operator name -> {union field: options table} for a format, derived from its schema.
+
+    The schema's BuiltinOptions/BuiltinOptions2 unions name the tables; an operator takes the
+    table named like itself without underscores (FULLY_CONNECTED -> FullyConnectedOptions),
+    or one of SHARED_OPTIONS. An operator absent from the result takes no options table.
+    """
+    fmt = formats.get(format_name)
+    by_name: dict[str, tuple[str, str]] = {}
+    for field, union in (
+        ("builtinOptions", "BuiltinOptions"),
+        ("builtinOptions2", "BuiltinOptions2"),
+    ):
+        for table in fmt.enum(union):
+            if table.endswith("Options"):
+                by_name[table[: -len("Options")].lower()] = (field, table)
+    shared = {op: table for table, ops in SHARED_OPTIONS.items() for op in ops}
+    result: dict[str, dict[str, str]] = {}
+    for op in fmt.enum("BuiltinOperator"):
+        if op in shared:
+            result[op] = {"builtinOptions": shared[op]}
+        elif op.replace("_", "").lower() in by_name:
+            field, table = by_name[op.replace("_", "").lower()]
+            result[op] = {field: table}
+    return result
 
 
 def _check_index(value: int, limit: int, what: str, allow_absent: bool = False) -> None:
@@ -25,18 +113,24 @@ def _subgraph_references(options: Table | None) -> list[tuple[str, int]]:
 
 
 def validate(model: Model) -> None:
-    """Raise ModelError naming the first out-of-range index, double producer or cycle."""
+    """Raise ModelError naming the first inconsistency: an index out of range, a double
+    producer or cycle, a constant whose bytes contradict its shape, quantization parameters
+    that contradict the tensor, an options table of another operator, a stride or dilation
+    below 1, or a main graph without outputs."""
     if not model.subgraphs:
         raise ModelError("the model has no subgraphs")
+    if not model.subgraphs[0].outputs:
+        raise ModelError("subgraph 0 (the main graph) has no outputs")
     n_buffers = len(model.buffers)
     n_subgraphs = len(model.subgraphs)
+    expected_options = options_of(model.format)
     for s, subgraph in enumerate(model.subgraphs):
         n_tensors = len(subgraph.tensors)
         where = f"subgraph {s}"
         for t, tensor in enumerate(subgraph.tensors):
-            _check_index(
-                tensor.buffer, n_buffers, f"{where}: tensor {t} ({tensor.name!r}) buffer index"
-            )
+            tensor_where = f"{where}: tensor {t} ({tensor.name!r})"
+            _check_index(tensor.buffer, n_buffers, f"{tensor_where} buffer index")
+            _check_tensor(model, tensor, tensor_where)
         for i in subgraph.inputs:
             _check_index(i, n_tensors, f"{where}: input tensor index")
         for o in subgraph.outputs:
@@ -51,6 +145,7 @@ def validate(model: Model) -> None:
                 _check_index(
                     i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True
                 )
+            _check_options(op, expected_options.get(op.opcode.name), op_where)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
                 for name, value in _subgraph_references(options):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
@@ -101,3 +196,70 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
     if done != len(subgraph.operators):
         stuck = [k for k, n in enumerate(waiting) if n > 0][:3]
         raise ModelError(f"{where}: the graph has a cycle through operators {stuck}")
+
+
+def _check_options(op: Table, expected: dict[str, str] | None, where: str) -> None:
+    """The operator's options tables are the ones its type takes, with strides/dilations >= 1."""
+    if op.opcode.name in FREE_OPTIONS or op.opcode.custom_code:
+        return
+    for field in ("builtinOptions", "builtinOptions2"):
+        options = op.get(field)
+        if options is None:
+            continue
+        wanted = (expected or {}).get(field)
+        if options._type != wanted:
+            takes = f"takes {wanted}" if wanted else "takes no options table there"
+            raise ModelError(f"{where} carries {options._type}, but {op.opcode.name} {takes}")
+        for name in POSITIVE_FIELDS:
+            value = options.get(name)
+            if value is not None and value < 1:
+                raise ModelError(f"{where}: {options._type}.{name} is {value}, must be >= 1")
+
+
+def _check_tensor(model: Model, tensor: Table, where: str) -> None:
+    shape = tensor.get("shape") or []
+    if any(d < 0 for d in shape):
+        raise ModelError(f"{where} has a negative dimension in its shape {list(shape)}")
+    data = model.buffers[tensor.buffer].data
+    itemsize = FIXED_SIZE_TYPES.get(tensor.type)
+    if (
+        data is not None
+        and len(data)
+        and itemsize is not None
+        and tensor.get("sparsity") is None
+        and len(data) != math.prod(shape) * itemsize
+    ):
+        raise ModelError(
+            f"{where} is a constant of {len(data)} bytes, but shape {list(shape)} of "
+            f"{tensor.type} needs {math.prod(shape) * itemsize}"
+        )
+    _check_quantization(tensor.get("quantization"), shape, where)
+
+
+def _check_quantization(q: Table | None, shape: list[int], where: str) -> None:
+    """Scales finite, one zero point per scale, one scale per slice of quantizedDimension."""
+    if q is None:
+        return
+    scale = q.get("scale")
+    zero_point = q.get("zeroPoint")
+    n_scale = 0 if scale is None else len(scale)
+    n_zero = 0 if zero_point is None else len(zero_point)
+    if n_scale == 0:
+        if n_zero:
+            raise ModelError(f"{where} has {n_zero} quantization zero points but no scales")
+        return
+    if not np.all(np.isfinite(np.asarray(scale, dtype=np.float64))):
+        raise ModelError(f"{where} has a quantization scale that is not finite")
+    if n_zero != n_scale:
+        raise ModelError(f"{where} has {n_scale} quantization scales but {n_zero} zero points")
+    dimension = q.get("quantizedDimension", 0) or 0
+    if n_scale > 1 or dimension:
+        if not 0 <= dimension < max(len(shape), 1):
+            raise ModelError(
+                f"{where}: quantizedDimension {dimension} is out of range for shape {list(shape)}"
+            )
+    if n_scale > 1 and (not shape or shape[dimension] != n_scale):
+        raise ModelError(
+            f"{where} has {n_scale} quantization scales, but shape {list(shape)} has "
+            f"{shape[dimension] if shape else 'no'} entries along quantizedDimension {dimension}"
+        )

@@ -86,7 +86,7 @@ def _channel_keeping(graph: Graph, op: Table) -> bool:
     if kind == "MEAN":
         axes = graph.constant(op.inputs[1]).reshape(-1) if graph.is_constant(op.inputs[1]) else None
         rank = len(graph.shape(x))
-        return axes is not None and all(0 < (a % rank) < rank - 1 for a in axes)
+        return axes is not None and rank > 0 and all(0 < (a % rank) < rank - 1 for a in axes)
     if kind == "PAD":
         if not graph.is_constant(op.inputs[1]):
             return False
