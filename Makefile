@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench lint recipes install install-test clean
+.PHONY: demo test bench fuzz lint recipes install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(VENV)/.installed-test
 ## make bench: tool cost, inference latency and fold coverage on Keras models
 bench: $(VENV)/.installed-test
 	$(BIN)/python tools/bench.py
+
+## make fuzz: 100,000 mutated recipe models through tfl_fuse.optimize; crash signatures and
+## reproducers in build/fuzz (FUZZ_COUNT=... to change the count)
+FUZZ_COUNT ?= 100000
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python tools/fuzz.py --count $(FUZZ_COUNT) --jobs $(PYTEST_WORKERS) --out $(BUILD)/fuzz
 
 ## make recipes: build every recipe model into build/recipes-models
 recipes: $(VENV)/.installed

@@ -66,6 +66,29 @@ FIXED_SIZE_TYPES = {
     "BFLOAT16": 2,
 }
 
+_BINARY = ("ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "PRELU")
+_UNARY = ("RSQRT", "SQRT", "NEG", "ABS", "SQUARE", "EXP", "LOG", "RELU", "RELU6", "RELU_N1_TO_1")
+_UNARY += ("TANH", "LOGISTIC", "HARD_SWISH", "SQUEEZE", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+# Operand counts of LiteRT's kernels for the operators rules read: (min inputs, max inputs,
+# min outputs, max outputs, input positions that may be absent (-1), the optional biases).
+ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
+    **{op: (2, 2, 1, 1, ()) for op in _BINARY},
+    **{op: (1, 1, 1, 1, ()) for op in _UNARY},
+    "CONV_2D": (2, 3, 1, 1, (2,)),
+    "DEPTHWISE_CONV_2D": (2, 3, 1, 1, (2,)),
+    "FULLY_CONNECTED": (2, 3, 1, 2, (2,)),
+    "CONV_3D": (2, 3, 1, 1, (2,)),
+    "TRANSPOSE_CONV": (3, 4, 1, 1, (3,)),
+    "RESHAPE": (1, 2, 1, 1, (1,)),
+    "EXPAND_DIMS": (2, 2, 1, 1, ()),
+    "TRANSPOSE": (2, 2, 1, 1, ()),
+    "PAD": (2, 3, 1, 1, (2,)),
+    "MEAN": (2, 2, 1, 1, ()),
+    "SPACE_TO_BATCH_ND": (3, 3, 1, 1, ()),
+    "BATCH_TO_SPACE_ND": (3, 3, 1, 1, ()),
+    "CONCATENATION": (1, 1 << 30, 1, 1, ()),
+}
+
 
 @cache
 def options_of(format_name: str) -> dict[str, dict[str, str]]:
@@ -124,6 +147,7 @@ def validate(model: Model) -> None:
     n_buffers = len(model.buffers)
     n_subgraphs = len(model.subgraphs)
     expected_options = options_of(model.format)
+    fmt = formats.get(model.format)
     for s, subgraph in enumerate(model.subgraphs):
         n_tensors = len(subgraph.tensors)
         where = f"subgraph {s}"
@@ -145,7 +169,8 @@ def validate(model: Model) -> None:
                 _check_index(
                     i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True
                 )
-            _check_options(op, expected_options.get(op.opcode.name), op_where)
+            _check_arity(op, subgraph.tensors, op_where)
+            _check_options(op, expected_options.get(op.opcode.name), op_where, fmt)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
                 for name, value in _subgraph_references(options):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
@@ -198,15 +223,19 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
         raise ModelError(f"{where}: the graph has a cycle through operators {stuck}")
 
 
-def _check_options(op: Table, expected: dict[str, str] | None, where: str) -> None:
+def _check_options(
+    op: Table, expected: dict[str, str] | None, where: str, fmt: formats.Format
+) -> None:
     """The operator's options tables are the ones its type takes, with strides/dilations >= 1."""
     if op.opcode.name in FREE_OPTIONS or op.opcode.custom_code:
         return
     for field in ("builtinOptions", "builtinOptions2"):
         options = op.get(field)
-        if options is None:
-            continue
         wanted = (expected or {}).get(field)
+        if options is None:
+            if wanted and _needs_table(fmt, wanted):
+                raise ModelError(f"{where} has no {wanted}, which {op.opcode.name} needs")
+            continue
         if options._type != wanted:
             takes = f"takes {wanted}" if wanted else "takes no options table there"
             raise ModelError(f"{where} carries {options._type}, but {op.opcode.name} {takes}")
@@ -263,3 +292,34 @@ def _check_quantization(q: Table | None, shape: list[int], where: str) -> None:
             f"{where} has {n_scale} quantization scales, but shape {list(shape)} has "
             f"{shape[dimension] if shape else 'no'} entries along quantizedDimension {dimension}"
         )
+
+
+@cache
+def _needs_table(fmt: formats.Format, table: str) -> bool:
+    """An options table whose absence LiteRT reads as a stride or dilation of 0."""
+    cls = fmt.table_class(table)
+    defaults = vars(cls()) if cls is not None else {}
+    return any(defaults.get(name, 1) < 1 for name in POSITIVE_FIELDS)
+
+
+def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
+    arity = ARITY.get(op.opcode.name)
+    if arity is None:
+        return
+    min_in, max_in, min_out, max_out, optional = arity
+    n_in, n_out = len(op.inputs), len(op.outputs)
+    if not min_in <= n_in <= max_in or not min_out <= n_out <= max_out:
+        raise ModelError(f"{where} has {n_in} inputs and {n_out} outputs")
+    for position, tensor in enumerate(op.inputs):
+        if tensor < 0 and position not in optional:
+            raise ModelError(f"{where} input {position} is absent (-1), which it needs")
+    if any(tensor < 0 for tensor in op.outputs):
+        raise ModelError(f"{where} has an absent (-1) output")
+    if op.opcode.name in _BINARY:
+        shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
+        try:
+            np.broadcast_shapes(*shapes)
+        except ValueError:
+            raise ModelError(
+                f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
+            ) from None

@@ -23,6 +23,7 @@ from .base import Context, Decline, Rule
 from .predicates import (
     LINEAR_OPS,
     OPTIONS_OF,
+    activation_code,
     affine_of,
     fused_activation,
     has_one_consumer,
@@ -96,7 +97,7 @@ class MergeLinearChain(Rule):
     def _rewrite(
         graph: Graph, first: Table, second: Table, data: int, scale: np.ndarray, shift: np.ndarray
     ) -> None:
-        activation = second.builtinOptions.fusedActivationFunction
+        activation = activation_code(second)
         needs_scale = bool(np.any(scale != 1))
         needs_shift = bool(np.any(shift != 0))
         if needs_scale and needs_shift:

@@ -7,11 +7,15 @@ MUL/ADD constants that the other rules fold.
 
 Exact when every input is a float32 constant (shape ops also accept integer constants), the
 result is finite and has the output tensor's shape, and the output is not a graph output.
-Arithmetic is done in float64 and cast once.
+Arithmetic is done in float64 and cast once. The result's shape is computed from the operand
+shapes before anything is allocated: a result that would not have the output's shape, or that
+would hold more than MAX_FOLD_ELEMENTS values, is declined (a 320 KB model can ask for
+[40000, 1] + [1, 40000], 1.6 billion values).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -46,6 +50,24 @@ ARITHMETIC: dict[str, Callable[..., np.ndarray]] = {
     "LOG": np.log,
 }
 SHAPE_OPS = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE"}
+MAX_FOLD_ELEMENTS = 1 << 25  # 32 Mi values: 256 MB in float64 while folding
+
+
+def result_shape(graph: Graph, inputs: list[int], out_shape: list[int]) -> list[int]:
+    """The broadcast shape of an elementwise op's operands, checked before any allocation."""
+    try:
+        shape = list(np.broadcast_shapes(*(tuple(graph.shape(t)) for t in inputs)))
+    except ValueError:
+        shapes = " and ".join(str(graph.shape(t)) for t in inputs)
+        raise Decline(f"operand shapes {shapes} do not broadcast together") from None
+    size = math.prod(shape)
+    if size > MAX_FOLD_ELEMENTS:
+        raise Decline(
+            f"the result would hold {size} values, above the {MAX_FOLD_ELEMENTS} folded at most"
+        )
+    if shape != out_shape and size != math.prod(out_shape):
+        raise Decline(f"result shape {shape} differs from {out_shape}")
+    return shape
 
 
 def evaluate(graph: Graph, op: Table) -> np.ndarray:
@@ -59,6 +81,7 @@ def evaluate(graph: Graph, op: Table) -> np.ndarray:
                 raise Decline(
                     f"{graph.name(t)!r} is {graph.dtype(t)}; constant arithmetic is folded for float32 only"
                 )
+        result_shape(graph, inputs, out_shape)
         values = [graph.constant(t).astype(np.float64) for t in inputs]
         with np.errstate(all="ignore"):
             result = ARITHMETIC[kind](*values)
@@ -72,7 +95,12 @@ def evaluate(graph: Graph, op: Table) -> np.ndarray:
             raise Decline("quantized or type-changing shape op")
         value = graph.constant(data)
         if kind == "TRANSPOSE":
-            result = np.transpose(value, graph.constant(op.inputs[1]).astype(np.int64))
+            permutation = graph.constant(op.inputs[1]).astype(np.int64).reshape(-1)
+            if sorted(permutation.tolist()) != list(range(value.ndim)):
+                raise Decline(f"{permutation.tolist()} is no permutation of {value.ndim} axes")
+            result = np.transpose(value, permutation)
+        elif value.size != math.prod(out_shape):
+            raise Decline(f"{value.size} values cannot take the output shape {out_shape}")
         else:
             result = value.reshape(out_shape)
     else:

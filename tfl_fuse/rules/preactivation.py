@@ -40,6 +40,7 @@ from .forward import is_uniform, plan_consumer
 from .predicates import (
     LAYERS,
     Affine,
+    activation_code,
     affine_of,
     fused_activation,
     has_fused_activation_slot,
@@ -274,7 +275,7 @@ class MoveScaleForward(Rule):
                     "ADD",
                     affine.data,
                     new_shift,
-                    shift_op.builtinOptions.fusedActivationFunction,
+                    activation_code(shift_op),
                 )
                 graph.remove_op(mul)
             self.rewrote(
@@ -404,7 +405,8 @@ def _is_channel_concat(graph: Graph, concat: Table) -> bool:
     rank = len(graph.shape(concat.outputs[0]))
     return (
         rank > 0
-        and concat.builtinOptions.axis % rank == rank - 1
+        and (concat.get("builtinOptions") or Table("ConcatenationOptions")).get("axis", 0) % rank
+        == rank - 1
         and fused_activation(concat) == "NONE"
     )
 
@@ -541,7 +543,7 @@ def apply_changes(graph: Graph, changes: list[tuple[str, Table, np.ndarray]]) ->
             set_layer_bias(graph, op, value)
         else:
             data = affine_of(graph, op).data
-            make_linear(graph, op, "ADD", data, value, op.builtinOptions.fusedActivationFunction)
+            make_linear(graph, op, "ADD", data, value, activation_code(op))
 
 
 def _after_own_scale(graph: Graph, tensor: int) -> bool:

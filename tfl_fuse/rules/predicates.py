@@ -78,6 +78,12 @@ def fused_activation(op: Table) -> str:
     return ACTIVATION_NAMES.get(value, str(value))
 
 
+def activation_code(op: Table) -> int:
+    """The fused activation's schema value; an operator without options has none (0)."""
+    options = op.get("builtinOptions")
+    return options.get("fusedActivationFunction", 0) if options is not None else 0
+
+
 def set_fused_activation(op: Table, name: str) -> None:
     op.builtinOptions = op.builtinOptions.copy()
     op.builtinOptions.fusedActivationFunction = ACTIVATIONS[name]

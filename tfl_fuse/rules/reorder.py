@@ -22,7 +22,7 @@ import numpy as np
 from ..graph import Graph
 from .base import Context, Decline, Rule
 from .chain import make_linear
-from .predicates import LAYERS, LINEAR_OPS, affine_of, has_one_consumer
+from .predicates import LAYERS, LINEAR_OPS, activation_code, affine_of, has_one_consumer
 
 REARRANGING = ("BATCH_TO_SPACE_ND", "RESHAPE")
 
@@ -70,7 +70,7 @@ class MoveBeforeRearrangement(Rule):
             )
             # rewritten with a [C] constant: the old one may have more dimensions than ``source``
             kind, vector = ("ADD", affine.shift) if np.any(affine.shift) else ("MUL", affine.scale)
-            make_linear(graph, op, kind, source, vector, op.builtinOptions.fusedActivationFunction)
+            make_linear(graph, op, kind, source, vector, activation_code(op))
             graph.set_output(op, 0, moved)
             graph.replace_input(mover, 0, moved)
             graph.set_output(mover, 0, out)
