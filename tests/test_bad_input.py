@@ -386,3 +386,159 @@ def test_variable_tensor_is_not_folded(good_model):
 
     _, report = tfl_fuse.optimize(corrupt(good_model, change))
     assert report["ops_after"].get("ADD") == 1 and "MUL" not in report["ops_after"]
+
+
+# Reproducer classes of tools/fuzz.py, each built here -----------------------------------------
+def _mul_one_input(m):
+    m.subgraphs[0].operators[1].inputs = m.subgraphs[0].operators[1].inputs[:1]
+
+
+def _mul_absent_input(m):
+    m.subgraphs[0].operators[1].inputs[1] = -1
+
+
+def _mul_shapes_do_not_broadcast(m):
+    _tensor(m, "scale").shape = [1, 1, 2, 4]
+    m.buffers[_tensor(m, "scale").buffer].data = m.buffers[_tensor(m, "scale").buffer].data
+
+
+def _conv_without_options(m):
+    m.subgraphs[0].operators[0].builtinOptionsType = 0
+    m.subgraphs[0].operators[0].builtinOptions = None
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
+        (_mul_absent_input, "operator 1 (MUL) input 1 is absent (-1)"),
+        (_mul_shapes_do_not_broadcast, "operand shapes [1, 8, 8, 8] and [1, 1, 2, 4] do not"),
+        (_conv_without_options, "has no Conv2DOptions, which CONV_2D needs"),
+    ],
+    ids=["operand-count", "absent-operand", "broadcast", "conv-without-options"],
+)
+def test_fuzz_reproducer_classes(capsys, tmp_path, good_model, change, expect):
+    assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)
+
+
+def test_elementwise_op_without_options_reads_as_no_activation(good_model):
+    """LiteRT runs a MUL/ADD without options (no activation); so do the rules."""
+
+    def change(m):
+        for op in m.subgraphs[0].operators[1:]:
+            op.builtinOptionsType, op.builtinOptions = 0, None
+
+    _, report = tfl_fuse.optimize(corrupt(good_model, change))
+    assert report["ops_after"] == {"CONV_2D": 1}
+
+
+def _model(operands, operations, inputs, outputs) -> bytes:
+    recipe = {"inputs": inputs, "outputs": outputs, "operand": operands, "operation": operations}
+    return fb.encode(chef.build_model(recipe))
+
+
+def test_fold_larger_than_the_bound_is_declined_before_allocating():
+    """[40000, 1] + [1, 40000] would be 1.6 billion values (12.8 GB in float64): declined."""
+    data = _model(
+        [
+            {"name": "x", "shape": [40000, 40000]},
+            {"name": "a", "shape": [40000, 1], "filler": {"kind": "gaussian"}},
+            {"name": "b", "shape": [1, 40000], "filler": {"kind": "gaussian"}},
+            {"name": "ab", "shape": [40000, 40000]},
+            {"name": "y", "shape": [40000, 40000]},
+        ],
+        [
+            {"type": "ADD", "inputs": ["a", "b"], "outputs": ["ab"]},
+            {"type": "MUL", "inputs": ["x", "ab"], "outputs": ["y"]},
+        ],
+        ["x"],
+        ["y"],
+    )
+    _, report = tfl_fuse.optimize(data, rules_to_run=["fold_constants"])
+    assert report["ops_after"] == {"ADD": 1, "MUL": 1}
+    assert any("above the 33554432 folded at most" in d["reason"] for d in report["declined"])
+
+
+# Reading and writing ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def large_buffer_model() -> bytes:
+    """A model whose weights (4,608 bytes) are copied file to file when IN is a file."""
+    return _model(
+        [
+            {"name": "x", "shape": [1, 8, 8, 16]},
+            {"name": "w", "shape": [32, 3, 3, 16], "filler": {"kind": "gaussian"}},
+            {"name": "b", "shape": [32], "filler": {"kind": "gaussian"}},
+            {"name": "c", "shape": [1, 8, 8, 32]},
+            {"name": "s", "shape": [32], "filler": {"kind": "uniform", "low": 0.5}},
+            {"name": "y", "shape": [1, 8, 8, 32]},
+        ],
+        [
+            {
+                "type": "CONV_2D",
+                "inputs": ["x", "w", "b"],
+                "outputs": ["c"],
+                "options": {"padding": "SAME"},
+            },
+            {"type": "MUL", "inputs": ["c", "s"], "outputs": ["y"]},
+        ],
+        ["x"],
+        ["y"],
+    )
+
+
+def _cli(args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tfl_fuse", *map(str, args)],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        **kwargs,
+    )
+
+
+def test_piped_input(tmp_path, large_buffer_model):
+    src, from_file, from_pipe = tmp_path / "in.tflite", tmp_path / "a.tflite", tmp_path / "b.tflite"
+    src.write_bytes(large_buffer_model)
+    # --rules none: the weights stay unchanged input, which a file input copies file to file
+    assert _cli([src, from_file, "-q", "--rules", "none"]).returncode == 0
+    result = _cli(["/dev/stdin", from_pipe, "-q", "--rules", "none"], input=large_buffer_model)
+    assert result.returncode == 0, result.stderr
+    assert from_pipe.read_bytes() == from_file.read_bytes()
+
+
+def test_fifo_without_a_writer_does_not_hang(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = _cli([fifo, tmp_path / "out.tflite"])
+    assert result.returncode == 1 and b"0 bytes is too short" in result.stderr
+    assert not (tmp_path / "out.tflite").exists()
+
+
+def test_device_input_is_refused_without_reading(capsys, tmp_path):
+    code, err = run_cli(capsys, ["/dev/zero", tmp_path / "out.tflite"])
+    assert code == 1 and "not a regular file or a pipe" in err and len(err.splitlines()) == 1
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(capsys, tmp_path, good_model):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tflite.tfl_fuse-{dead.pid}.x1y2.tmp"
+    live = tmp_path / ".other.tflite.tfl_fuse-1.abcd.tmp"  # PID 1 is alive
+    unrelated = tmp_path / ".notes.txt.12345.tmp"
+    for path in (stale, live, unrelated):
+        path.write_bytes(b"partial")
+    src = tmp_path / "in.tflite"
+    src.write_bytes(good_model)
+    code, _ = run_cli(capsys, [src, tmp_path / "out.tflite", "-q"])
+    assert code == 0
+    assert not stale.exists() and live.exists() and unrelated.exists()
+
+
+def test_output_symlink_is_written_through(capsys, tmp_path, good_model):
+    src, real, link = tmp_path / "in.tflite", tmp_path / "real.tflite", tmp_path / "link.tflite"
+    src.write_bytes(good_model)
+    real.write_bytes(b"old")
+    link.symlink_to(real.name)
+    code, _ = run_cli(capsys, [src, link, "-q"])
+    assert code == 0 and link.is_symlink() and os.readlink(link) == real.name
+    assert real.read_bytes()[4:8] == b"TFL3"

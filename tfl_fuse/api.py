@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,15 +96,51 @@ def optimize(
     return image.tobytes(), report
 
 
+TEMP_MARK = ".tfl_fuse-"  # temp files: .<OUT name>.tfl_fuse-<pid>.<random>.tmp in OUT's folder
+MAX_PIPE_BYTES = fb.MAX_FLATBUFFER_SIZE  # what a pipe may bring; larger models come as files
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Remove temp files that an earlier tfl_fuse run (a process no longer alive) left behind."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(".") and name.endswith(".tmp") and TEMP_MARK in name):
+            continue
+        pid_text = name.rsplit(TEMP_MARK, 1)[1].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+
+
 def write_atomically(
     path: str | os.PathLike,
     data: bytes | bytearray | memoryview | fb.Encoded,
     source_fd: int | None = None,
 ) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    target = Path(path)
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    A symlink at ``path`` is written through: its target gets the new contents and the link
+    stays. Temp files carry the writer's PID, so a later run removes those a killed run left.
+    """
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     folder = target.parent if str(target.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    remove_stale_temp_files(folder)
+    fd, temp = tempfile.mkstemp(
+        prefix=f".{target.name}{TEMP_MARK}{os.getpid()}.", suffix=".tmp", dir=folder
+    )
     try:
         try:
             if isinstance(data, fb.Encoded):
@@ -127,25 +164,61 @@ def write_atomically(
 
 
 @contextlib.contextmanager
-def open_model_file(path: str | os.PathLike) -> Iterator[tuple[bytes | mmap.mmap, int]]:
-    """The model file mapped read-only (zero-copy), and its descriptor for file-to-file copies."""
+def open_model_file(path: str | os.PathLike) -> Iterator[tuple[bytes | mmap.mmap, int | None]]:
+    """The model file mapped read-only (zero-copy), and its descriptor for file-to-file copies.
+
+    A pipe or FIFO is read into memory (at most MAX_PIPE_BYTES) and gives no descriptor, as
+    it cannot be copied from at an offset. It is opened non-blocking, so a FIFO without a
+    writer reads as empty instead of hanging. Devices and other special files are refused.
+    """
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, after the mapping
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:
         raise ModelError(f"cannot read {path}: it is a directory") from None
     except OSError as error:
         raise ModelError(f"cannot read {path}: {error.strerror or error}") from None
-    with handle:
-        try:
-            size = os.fstat(handle.fileno()).st_size
-            data: bytes | mmap.mmap = (
-                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                if size >= 1 << 16
-                else handle.read()
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ModelError(f"cannot read {path}: it is a directory")
+        if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+            os.set_blocking(fd, True)
+            data: bytes | mmap.mmap = _read_pipe(fd, path)
+            yield data, None
+            return
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelError(
+                f"cannot read {path}: not a regular file or a pipe (a device or special file)"
             )
+        os.set_blocking(fd, True)
+        try:
+            if info.st_size >= 1 << 16:
+                data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            else:
+                data = _read_pipe(fd, path)
         except OSError as error:
             raise ModelError(f"cannot read {path}: {error.strerror or error}") from None
-        yield data, handle.fileno()
+        yield data, fd
+    finally:
+        os.close(fd)
+
+
+def _read_pipe(fd: int, path: str | os.PathLike) -> bytes:
+    chunks, total = [], 0
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > MAX_PIPE_BYTES:
+                raise ModelError(
+                    f"cannot read {path}: more than {MAX_PIPE_BYTES} bytes from a pipe "
+                    "(a larger model must be given as a file)"
+                )
+            chunks.append(chunk)
+    except OSError as error:
+        raise ModelError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def read_model_file(path: str | os.PathLike) -> bytes:
