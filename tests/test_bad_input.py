@@ -407,15 +407,33 @@ def _conv_without_options(m):
     m.subgraphs[0].operators[0].builtinOptions = None
 
 
+def _conv_output_channels(m):
+    _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
+
+
+def _conv_bias_length(m):
+    _tensor(m, "bias").shape = [4]
+    m.buffers[_tensor(m, "bias").buffer].data = m.buffers[_tensor(m, "bias").buffer].data[:16]
+
+
 @pytest.mark.parametrize(
     "change, expect",
     [
+        (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
+        (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
         (_mul_absent_input, "operator 1 (MUL) input 1 is absent (-1)"),
         (_mul_shapes_do_not_broadcast, "operand shapes [1, 8, 8, 8] and [1, 1, 2, 4] do not"),
         (_conv_without_options, "has no Conv2DOptions, which CONV_2D needs"),
     ],
-    ids=["operand-count", "absent-operand", "broadcast", "conv-without-options"],
+    ids=[
+        "conv-output-channels",
+        "conv-bias-length",
+        "operand-count",
+        "absent-operand",
+        "broadcast",
+        "conv-without-options",
+    ],
 )
 def test_fuzz_reproducer_classes(capsys, tmp_path, good_model, change, expect):
     assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)

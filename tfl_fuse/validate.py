@@ -89,6 +89,15 @@ ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "CONCATENATION": (1, 1 << 30, 1, 1, ()),
 }
 
+# Layers: (weights input, bias input, output-channel axis of the weights, weights rank).
+LAYER_CHANNELS = {
+    "CONV_2D": (1, 2, 0, 4),
+    "DEPTHWISE_CONV_2D": (1, 2, 3, 4),
+    "TRANSPOSE_CONV": (1, 3, 0, 4),
+    "FULLY_CONNECTED": (1, 2, 0, 2),
+    "CONV_3D": (1, 2, 4, 5),
+}
+
 
 @cache
 def options_of(format_name: str) -> dict[str, dict[str, str]]:
@@ -315,6 +324,8 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
             raise ModelError(f"{where} input {position} is absent (-1), which it needs")
     if any(tensor < 0 for tensor in op.outputs):
         raise ModelError(f"{where} has an absent (-1) output")
+    if op.opcode.name in LAYER_CHANNELS:
+        _check_layer_channels(op, tensors, where)
     if op.opcode.name in _BINARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
@@ -323,3 +334,24 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
             raise ModelError(
                 f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
             ) from None
+
+
+def _check_layer_channels(op: Table, tensors: list[Table], where: str) -> None:
+    """A layer's output channels are its weights' (and bias') output channels, as LiteRT checks."""
+    weight_input, bias_input, axis, rank = LAYER_CHANNELS[op.opcode.name]
+    weight_shape = list(tensors[op.inputs[weight_input]].get("shape") or [])
+    out_shape = list(tensors[op.outputs[0]].get("shape") or [])
+    if not weight_shape or not out_shape:
+        return  # shapes left to runtime
+    if len(weight_shape) != rank:
+        raise ModelError(f"{where}: weights of shape {weight_shape} are not of rank {rank}")
+    channels = weight_shape[axis]
+    if out_shape[-1] != channels:
+        raise ModelError(
+            f"{where}: output shape {out_shape} has {out_shape[-1]} channels, "
+            f"weights of shape {weight_shape} have {channels}"
+        )
+    if len(op.inputs) > bias_input and op.inputs[bias_input] >= 0:
+        bias_shape = list(tensors[op.inputs[bias_input]].get("shape") or [])
+        if bias_shape and math.prod(bias_shape) != channels:
+            raise ModelError(f"{where}: bias of shape {bias_shape} for {channels} channels")

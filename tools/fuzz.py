@@ -44,6 +44,7 @@ from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from ai_edge_litert.tools import flatbuffer_utils  # noqa: E402
 
 import tfl_fuse  # noqa: E402
+from tfl_fuse import fb  # noqa: E402
 from tfl_fuse.model import ModelError  # noqa: E402
 
 CATCH_ALL = "met an inconsistent model"
@@ -268,12 +269,31 @@ def signature(error: BaseException) -> str | None:
     return f"{type(error).__name__} at {where}"
 
 
+def non_finite_constants(data: bytes) -> int:
+    """How many float32 constant values of a model are NaN or infinite."""
+    model = fb.decode(data)
+    count = 0
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            payload = model.buffers[tensor.buffer].data
+            if tensor.type == "FLOAT32" and payload is not None and len(payload) % 4 == 0:
+                count += int(np.count_nonzero(~np.isfinite(np.frombuffer(payload, "<f4"))))
+    return count
+
+
 def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
+    """Optimize one input: (failure signature or None, message)."""
     options: dict[str, Any] = {"target": rng.choice(["float", "float", "int8"])}
     if rng.random() < 0.1:
         options["output_format"] = rng.choice(["tflite", "circle"])
     try:
-        tfl_fuse.optimize(data, **options)
+        output, report = tfl_fuse.optimize(data, **options)
+        # Folds refuse non-finite results: the output has no more NaN/inf constants than the input.
+        if non_finite_constants(output) > non_finite_constants(data):
+            rules = sorted({entry["rule"] for entry in report["rewrites"]})
+            return f"non-finite constant written ({', '.join(rules)})", str(report["rewrites"])[
+                :300
+            ]
     except Timeout:
         return "Timeout", f"over {TIMEOUT_SECONDS} s"
     except BaseException as error:  # noqa: BLE001 - every outcome is classified
