@@ -44,6 +44,7 @@ def optimize_image(
         )
     model = fb.decode(data)
     source_format = model.format
+    fb.check_size(model, output_format)
     chosen = rules.select(rules_to_run, disable, target)
     report = engine.run(model, chosen, exclude, target, weight_granularity)
     target = output_format or source_format

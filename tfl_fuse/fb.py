@@ -32,6 +32,8 @@ _CIRCLE_DATA_FORMAT_SLOT = 5
 _CIRCLE_DATA_FORMAT_VTABLE_OFFSET = 4 + 2 * _CIRCLE_DATA_FORMAT_SLOT
 BUFFER_ALIGNMENT = 16
 MAX_FLATBUFFER_SIZE = 2**31 - 1
+# Buffer data beyond this is kept after the flatbuffer (the tables need room inside 2 GB too).
+EXTERNAL_DATA_BYTES = MAX_FLATBUFFER_SIZE - (256 << 20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +151,9 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
                     "a buffer holds one or the other"
                 )
             payload = _external(data, buffer.offset, buffer.size, f"buffer {b} data")
+            buffers.append(Table("Buffer", data=payload, offset=0, size=0))
+            buffers[-1]._source_offset, buffers[-1]._source_data = buffer.offset, payload
+            continue
         buffers.append(Table("Buffer", data=payload, offset=0, size=0))
 
     tensor_types = fmt.enum_names("TensorType")
@@ -277,32 +282,46 @@ class Encoded:
 
     Writing fills each hole from its numpy array, or straight from the input file
     (``os.sendfile``) when the data is unchanged input, so the output never needs a second
-    in-memory copy of the weights.
+    in-memory copy of the weights. In a model over 2 GB the holes lie after the image (buffers
+    with offset/size); the gaps between them are zero padding.
     """
 
-    def __init__(self, image: memoryview, holes: list[tuple[int, np.ndarray, int | None]]) -> None:
+    def __init__(
+        self,
+        image: memoryview,
+        holes: list[tuple[int, np.ndarray, int | None]],
+        size: int | None = None,
+    ) -> None:
         self.image = image
         self.holes = sorted(holes, key=lambda hole: hole[0])
+        self.size = len(image) if size is None else size
 
     def __len__(self) -> int:
-        return len(self.image)
+        return self.size
 
     def tobytes(self) -> bytes:
-        out = bytearray(self.image)
+        out = bytearray(self.size)
+        out[: len(self.image)] = self.image
         for position, data, _ in self.holes:
             out[position : position + len(data)] = memoryview(data).cast("B")
         return bytes(out)
 
+    def _gap(self, fd: int, start: int, end: int) -> None:
+        _write_all(fd, self.image[start:end])
+        padding = end - max(start, len(self.image))
+        if padding > 0:
+            _write_all(fd, memoryview(bytes(padding)))
+
     def write(self, fd: int, source_fd: int | None = None) -> None:
         position = 0
         for start, data, source_offset in self.holes:
-            _write_all(fd, self.image[position:start])
+            self._gap(fd, position, start)
             if source_offset is not None and source_fd is not None:
                 _send_all(fd, source_fd, source_offset, len(data))
             else:
                 _write_all(fd, memoryview(data).cast("B"))
             position = start + len(data)
-        _write_all(fd, self.image[position:])
+        self._gap(fd, position, self.size)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -311,10 +330,23 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def _send_all(fd: int, source_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of the input file to ``fd``, inside the kernel.
+
+    copy_file_range is about 3x faster than sendfile on ext4 (2.4 GB: 1.6 s against 5 s);
+    sendfile is the fallback where the kernel or file system cannot do it.
+    """
+    use_copy = hasattr(os, "copy_file_range")
     while count:
-        sent = os.sendfile(fd, source_fd, offset, count)
+        if use_copy:
+            try:
+                sent = os.copy_file_range(source_fd, fd, count, offset)
+            except OSError:
+                use_copy = False
+                continue
+        else:
+            sent = os.sendfile(fd, source_fd, offset, count)
         if sent <= 0:
-            raise OSError("sendfile wrote nothing")
+            raise OSError("the input file ended before the data the model names")
         offset += sent
         count -= sent
 
@@ -329,8 +361,15 @@ class _PackedBuffer:
         self.data = data
         self.source_offset = source_offset
         self.holes = holes
+        self.file_offset: int | None = None  # set: the data lies after the flatbuffer, there
 
     def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - object-API protocol
+        if self.file_offset is not None:
+            start = self.fmt.function("Buffer", "BufferStart")
+            start(builder)
+            self.fmt.function("Buffer", "BufferAddOffset")(builder, self.file_offset)
+            self.fmt.function("Buffer", "BufferAddSize")(builder, len(self.data))
+            return self.fmt.function("Buffer", "BufferEnd")(builder)
         data_offset = None
         if self.data is not None:
             size = len(self.data)
@@ -406,8 +445,14 @@ def encode(model: Model, fmt_name: str | None = None) -> bytes:
     return encode_image(model, fmt_name).tobytes()
 
 
-def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
-    """Encode a Model; the result references large buffer data instead of copying it."""
+def encode_image(
+    model: Model, fmt_name: str | None = None, external: bool | None = None
+) -> Encoded:
+    """Encode a Model; the result references large buffer data instead of copying it.
+
+    ``external``: keep buffer data after the flatbuffer (Buffer offset/size); None decides
+    by size (over EXTERNAL_DATA_BYTES, which a single flatbuffer cannot hold).
+    """
     fmt = formats.get(fmt_name or model.format)
     encoder = _Encoder(model, fmt)
     keep, buffer_map = used_buffer_map(model)
@@ -459,32 +504,69 @@ def encode_image(model: Model, fmt_name: str | None = None) -> Encoded:
     model_object.subgraphs = subgraph_objects
     holes: list[tuple[int, np.ndarray, int | None]] = []
     model_object.buffers = [_packed(fmt, model.buffers[i], holes) for i in keep]
-
     data_bytes = sum(len(model.buffers[i].data) for i in keep if model.buffers[i].data is not None)
-    if data_bytes > MAX_FLATBUFFER_SIZE:
-        raise ModelError("the model is larger than 2 GB, which a single flatbuffer cannot hold")
-    # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
-    # and the slack) cost nothing.
-    estimate = (
-        data_bytes
-        + 64 * len(keep)
-        + (1 << 20)
-        + 4096 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs)
-    )
-    builder = _builder(min(estimate, MAX_FLATBUFFER_SIZE))
+    tables = 64 * len(keep) + (1 << 20)
+    tables += 4096 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs)
+    data_formats = [sg.get("dataFormat", 0) for sg in model.subgraphs]
+    if external is None:
+        external = data_bytes + BUFFER_ALIGNMENT * len(keep) > EXTERNAL_DATA_BYTES
+    if not external:
+        # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
+        # and the slack) cost nothing.
+        image = _pack(
+            model_object, fmt, min(data_bytes + tables, MAX_FLATBUFFER_SIZE), data_formats
+        )
+        total, head = len(image.obj), len(image.obj) - len(image)
+        return Encoded(
+            image, [(total - from_end - head, data, source) for from_end, data, source in holes]
+        )
+    # Over 2 GB: every buffer with data keeps it after the flatbuffer, at a 16-byte aligned
+    # file offset (Buffer.offset/size, which LiteRT reads). The tables are packed once with
+    # placeholder offsets to learn their size, which real offsets (all > 1) do not change.
+    _require_external_buffers(fmt)
+    outside = [b for b in model_object.buffers if b.data is not None and len(b.data)]
+    for buffer in outside:
+        buffer.file_offset = 2
+    size = len(_pack(model_object, fmt, tables, data_formats))
+    position = size
+    placed = []
+    for buffer in outside:
+        position = -(-position // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+        buffer.file_offset = position
+        placed.append((position, buffer.data, buffer.source_offset))
+        position += len(buffer.data)
+    image = _pack(model_object, fmt, tables, data_formats)
+    if len(image) != size:  # pragma: no cover - would be a flatbuffers change
+        raise ModelError("internal: the model's tables changed size between packings")
+    return Encoded(image, placed, position)
+
+
+def _require_external_buffers(fmt: Format) -> None:
+    if fmt.function("Buffer", "BufferAddOffset") is None:
+        raise ModelError(
+            f"the model is larger than 2 GB, and the {fmt.name} schema has no Buffer.offset "
+            "to keep weights after the flatbuffer"
+        )
+
+
+def check_size(model: Model, fmt_name: str | None = None) -> None:
+    """Refuse, before any rule runs, a model the output format cannot hold."""
+    data_bytes = sum(len(b.data) for b in model.buffers if b.data is not None)
+    if data_bytes > EXTERNAL_DATA_BYTES:
+        _require_external_buffers(formats.get(fmt_name or model.format))
+
+
+def _pack(model_object: Any, fmt: Format, size: int, data_formats: list[int]) -> memoryview:
+    builder = _builder(size)
     try:
-        with _circle_data_format_writer(fmt, [sg.get("dataFormat", 0) for sg in model.subgraphs]):
+        with _circle_data_format_writer(fmt, data_formats):
             offset = model_object.Pack(builder)
         builder.Finish(offset, file_identifier=fmt.identifier)
     except flatbuffers.builder.BuilderSizeError:
         raise ModelError(
-            "the model is larger than 2 GB, which a single flatbuffer cannot hold"
+            "the model's tables are larger than 2 GB, which a single flatbuffer cannot hold"
         ) from None
-    total, head = len(builder.Bytes), builder.Head()
-    image = memoryview(builder.Bytes)[head:]
-    return Encoded(
-        image, [(total - from_end - head, data, source) for from_end, data, source in holes]
-    )
+    return memoryview(builder.Bytes)[builder.Head() :]
 
 
 def _builder(size: int) -> flatbuffers.Builder:
