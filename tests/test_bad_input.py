@@ -407,6 +407,10 @@ def _conv_without_options(m):
     m.subgraphs[0].operators[0].builtinOptions = None
 
 
+def _add_output_shape(m):
+    _tensor(m, "ofm").shape = [1, 8, 8, 8, 40000]  # ADD's output, now of another shape
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -419,6 +423,7 @@ def _conv_bias_length(m):
 @pytest.mark.parametrize(
     "change, expect",
     [
+        (_add_output_shape, "output shape [1, 8, 8, 8, 40000] is not the operands' [1, 8, 8, 8]"),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
@@ -427,6 +432,7 @@ def _conv_bias_length(m):
         (_conv_without_options, "has no Conv2DOptions, which CONV_2D needs"),
     ],
     ids=[
+        "elementwise-output-shape",
         "conv-output-channels",
         "conv-bias-length",
         "operand-count",
@@ -560,3 +566,14 @@ def test_output_symlink_is_written_through(capsys, tmp_path, good_model):
     code, _ = run_cli(capsys, [src, link, "-q"])
     assert code == 0 and link.is_symlink() and os.readlink(link) == real.name
     assert real.read_bytes()[4:8] == b"TFL3"
+
+
+def test_constant_of_a_type_rules_cannot_read_is_left_alone():
+    """A MEAN whose axes are a STRING constant (fuzz): not read, no error, nothing folded there."""
+    data, _ = chef.cook(RECIPES / "Net_Preactivation_Head_Mean_FC_000")
+
+    def change(m):
+        _tensor(m, "axes").type = 5  # STRING
+
+    _, report = tfl_fuse.optimize(corrupt(data, change))
+    assert "MEAN" in report["ops_after"]

@@ -68,12 +68,13 @@ FIXED_SIZE_TYPES = {
 
 _BINARY = ("ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE", "PRELU")
 _UNARY = ("RSQRT", "SQRT", "NEG", "ABS", "SQUARE", "EXP", "LOG", "RELU", "RELU6", "RELU_N1_TO_1")
-_UNARY += ("TANH", "LOGISTIC", "HARD_SWISH", "SQUEEZE", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+_UNARY += ("TANH", "LOGISTIC", "HARD_SWISH")
+_SHAPING = ("SQUEEZE", "MAX_POOL_2D", "AVERAGE_POOL_2D")
 # Operand counts of LiteRT's kernels for the operators rules read: (min inputs, max inputs,
 # min outputs, max outputs, input positions that may be absent (-1), the optional biases).
 ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     **{op: (2, 2, 1, 1, ()) for op in _BINARY},
-    **{op: (1, 1, 1, 1, ()) for op in _UNARY},
+    **{op: (1, 1, 1, 1, ()) for op in _UNARY + _SHAPING},
     "CONV_2D": (2, 3, 1, 1, (2,)),
     "DEPTHWISE_CONV_2D": (2, 3, 1, 1, (2,)),
     "FULLY_CONNECTED": (2, 3, 1, 2, (2,)),
@@ -326,14 +327,19 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
         raise ModelError(f"{where} has an absent (-1) output")
     if op.opcode.name in LAYER_CHANNELS:
         _check_layer_channels(op, tensors, where)
-    if op.opcode.name in _BINARY:
+    if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
-            np.broadcast_shapes(*shapes)
+            shape = np.broadcast_shapes(*shapes)
         except ValueError:
             raise ModelError(
                 f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
             ) from None
+        out_shape = tuple(tensors[op.outputs[0]].get("shape") or ())
+        if out_shape and all(shapes) and out_shape != shape:
+            raise ModelError(
+                f"{where}: output shape {list(out_shape)} is not the operands' {list(shape)}"
+            )
 
 
 def _check_layer_channels(op: Table, tensors: list[Table], where: str) -> None:

@@ -150,7 +150,7 @@ def mutate_structure(model: Any, rng: random.Random) -> None:
     sg = rng.choice(model.subgraphs)
     tensors, ops = sg.tensors, sg.operators
     n_tensors = len(tensors)
-    kind = rng.randrange(16)
+    kind = rng.randrange(19)
     if kind == 0 and ops:  # an operator input or output index
         op = rng.choice(ops)
         which = op.inputs if rng.random() < 0.6 or op.outputs is None else op.outputs
@@ -235,6 +235,18 @@ def mutate_structure(model: Any, rng: random.Random) -> None:
     elif kind == 15 and tensors:  # two tensors share a buffer
         a, b = rng.choice(tensors), rng.choice(tensors)
         a.buffer = b.buffer
+    elif kind == 16 and tensors:  # a constant declared sparse
+        t = rng.choice([t for t in tensors if t.buffer] or tensors)
+        sparsity = schema.SparsityParametersT()
+        sparsity.traversalOrder = list(range(len(t.shape if t.shape is not None else [])))
+        t.sparsity = sparsity
+    elif kind == 17 and model.signatureDefs:  # a signature's tensor index
+        entries = [*(model.signatureDefs[0].inputs or []), *(model.signatureDefs[0].outputs or [])]
+        if entries:
+            rng.choice(entries).tensorIndex = _pick_int(rng, n_tensors)
+    elif kind == 18 and tensors:  # a constant's type
+        t = rng.choice([t for t in tensors if t.buffer] or tensors)
+        t.type = rng.choice([0, 1, 2, 3, 4, 5, 7, 9, 16, 17])  # float32, float16, int32, ...
 
 
 def mutate(seeds: list[bytes], objects: list[Any], rng: random.Random) -> bytes:
@@ -253,6 +265,10 @@ def mutate(seeds: list[bytes], objects: list[Any], rng: random.Random) -> bytes:
 # running ---------------------------------------------------------------------------------------
 def signature(error: BaseException) -> str | None:
     """None for an accepted outcome, else the failure's signature."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "tfl_fuse" in f.filename]
+    where = (
+        f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+    )
     if isinstance(error, ModelError):
         message = str(error)
         if "\n" in message:
@@ -261,11 +277,9 @@ def signature(error: BaseException) -> str | None:
             rule = message.split("rule ", 1)[1].split(" ", 1)[0]
             inner = message.split("(", 1)[1].split(":", 1)[0]
             return f"catch-all: rule {rule} met {inner}"
+        if any("/rules/" in f.filename for f in frames):  # validation should have refused it
+            return f"ModelError inside a rule at {where}"
         return None
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "tfl_fuse" in f.filename]
-    where = (
-        f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
-    )
     return f"{type(error).__name__} at {where}"
 
 
@@ -288,18 +302,20 @@ def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
         options["output_format"] = rng.choice(["tflite", "circle"])
     try:
         output, report = tfl_fuse.optimize(data, **options)
-        # Folds refuse non-finite results: the output has no more NaN/inf constants than the input.
-        if non_finite_constants(output) > non_finite_constants(data):
-            rules = sorted({entry["rule"] for entry in report["rewrites"]})
-            return f"non-finite constant written ({', '.join(rules)})", str(report["rewrites"])[
-                :300
-            ]
     except Timeout:
         return "Timeout", f"over {TIMEOUT_SECONDS} s"
     except BaseException as error:  # noqa: BLE001 - every outcome is classified
         if isinstance(error, KeyboardInterrupt):
             raise
         return signature(error), f"{type(error).__name__}: {str(error)[:300]}"
+    try:
+        written = non_finite_constants(output)
+    except ModelError as error:
+        return "the output does not decode", str(error)[:300]
+    # Folds refuse non-finite results: the output has no more NaN/inf constants than the input.
+    if written > non_finite_constants(data):
+        rules = sorted({entry["rule"] for entry in report["rewrites"]})
+        return f"non-finite constant written ({', '.join(rules)})", str(report["rewrites"])[:300]
     return None, ""
 
 
