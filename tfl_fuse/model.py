@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+ADOPT_MIN_BYTES = 1 << 20  # add_buffer keeps arrays at least this large without a copy
+
 
 class Table:
     """One flatbuffer table: its schema type name and its fields as attributes."""
@@ -87,7 +89,13 @@ class Model:
             array = np.ascontiguousarray(data)
             if array.dtype.byteorder == ">":
                 array = array.byteswap().view(array.dtype.newbyteorder("<"))
-            payload = np.frombuffer(array.tobytes(), dtype=np.uint8)
+            if array.nbytes >= ADOPT_MIN_BYTES and array.base is None and array.flags.writeable:
+                # A large array of its own (a rule's fresh result) is adopted, not copied, and
+                # made read-only so nothing changes it behind the model's back.
+                array.flags.writeable = False
+                payload = array.reshape(-1).view(np.uint8)
+            else:
+                payload = np.frombuffer(array.tobytes(), dtype=np.uint8)
         self.buffers.append(Table("Buffer", data=payload, offset=0, size=0))
         return len(self.buffers) - 1
 

@@ -52,19 +52,34 @@ def recipe(rows: int) -> dict:
     }
 
 
-def build(path: str | Path, gigabytes: float = 2.4) -> int:
-    """Write the model to ``path`` (the table as a hole); return its size in bytes."""
-    rows = int(gigabytes * 1e9) // (4 * ROW)
+def build(path: str | Path, gigabytes: float = 2.4, big: str = "table") -> int:
+    """Write the model to ``path`` (the big constant as a hole); return its size in bytes.
+
+    ``big``: "table" (the GATHER table is big; the fold changes 64 bytes) or "weights" (the
+    FC weights are big, [N, 1024]: the fold changes all of them).
+    """
+    size = int(gigabytes * 1e9) // (4 * ROW) * (4 * ROW)
     model = chef.build_model(recipe(1))
-    table = next(t for t in model.subgraphs[0].tensors if t.name == "table")
-    table.shape = [rows, ROW]
-    # A zero array the size of the table that costs no memory: one zero page, broadcast.
-    model.buffers[table.buffer].data = np.broadcast_to(np.zeros(1, np.uint8), (rows * ROW * 4,))
+    tensors = {t.name: t for t in model.subgraphs[0].tensors}
+    if big == "table":
+        tensors["table"].shape = [size // (4 * ROW), ROW]
+        large = tensors["table"]
+    else:
+        channels = size // (4 * ROW)
+        tensors["x"].shape, tensors["w"].shape = [1, ROW], [channels, ROW]
+        for name in ("b", "s", "fc", "y"):
+            tensors[name].shape = [channels] if name in ("b", "s") else [1, channels]
+        model.buffers[tensors["b"].buffer].data = np.zeros(4 * channels, np.uint8)
+        scale = np.linspace(0.5, 2, channels, dtype=np.float32)
+        model.buffers[tensors["s"].buffer].data = scale.view(np.uint8)
+        large = tensors["w"]
+    # A zero array the size of the constant that costs no memory: one zero page, broadcast.
+    model.buffers[large.buffer].data = np.broadcast_to(np.zeros(1, np.uint8), (size,))
     image = fb.encode_image(model, external=True)
     with open(path, "wb") as out:
         out.write(image.image)  # the tables; every buffer's data lies after them
         for start, data, _ in image.holes:
-            if data.strides != (0,):  # the zero table stays a hole
+            if data.strides != (0,):  # the zero constant stays a hole
                 out.seek(start)
                 out.write(np.ascontiguousarray(data).tobytes())
         out.truncate(image.size)
@@ -75,8 +90,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path")
     parser.add_argument("--gb", type=float, default=2.4)
+    parser.add_argument("--big", choices=["table", "weights"], default="table")
     args = parser.parse_args()
-    print(f"{args.path}: {build(args.path, args.gb)} bytes")
+    print(f"{args.path}: {build(args.path, args.gb, args.big)} bytes")
     return 0
 
 
