@@ -448,7 +448,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         trained = r["trained"]
         static = r["recipes"]["static_channel"]["variants"]
         ratio = worst_ratio(static, "c")
-        fmt = "n/a" if ratio is None else f"{ratio:.2f}x"
+        fmt = "n/a" if ratio is None else f"{ratio:.3f}x"
         if trained:
             limit = 0.7 if model == "face_detection_short_range" else 1.0
             add(
@@ -489,7 +489,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(
                 model,
                 f"dynamic-range error ({variant}: target={label}) <= (a)",
-                "n/a" if ratio is None else f"{ratio:.2f}x",
+                "n/a" if ratio is None else f"{ratio:.3f}x",
                 None if ratio is None else ratio <= 1.0,
             )
         if trained:
@@ -505,7 +505,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for variant, ratios in tensor_ratios.items():
         label = "target=int8" if variant == "c" else "target=int8, weight_granularity=tensor"
         measured = ", ".join(
-            f"{m} {'n/a' if v is None else f'{v:.2f}x'}" for m, v in ratios.items()
+            f"{m} {'n/a' if v is None else f'{v:.3f}x'}" for m, v in ratios.items()
         )
         known = [v for v in ratios.values() if v is not None]
         add(
@@ -542,6 +542,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for recipe_name, title in RECIPES.items():
+        if not any(recipe_name in r.get("recipes", {}) for r in results["models"].values()):
+            continue
         lines += [
             f"{title}:",
             "",
@@ -562,7 +564,7 @@ def markdown(results: dict[str, Any]) -> str:
                 speed = rows["a"]["ms"] / row["ms"] if "ms" in rows.get("a", {}) else float("nan")
                 lines.append(
                     f"| {model} | {variant} | {' / '.join(f'{e:.4f}' for e in row['errors'])} | "
-                    f"{'' if ratio is None else f'{ratio:.2f}'} | {row['partitions']} | {left} | "
+                    f"{'' if ratio is None else f'{ratio:.3f}'} | {row['partitions']} | {left} | "
                     f"{row['ms']:.2f} | {speed:.3f} |"
                 )
             lines.append(f"| {model} | noise | | | | | | +-{recipe_result['latency_noise']:.1%} |")
@@ -633,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default=",".join([*KERAS_MODELS, *MEDIAPIPE_MODELS]), help="comma-separated"
     )
     parser.add_argument("--size", type=int, default=KERAS_SIZE, help="Keras input size")
-    parser.add_argument("--rounds", type=int, default=30, help="latency rounds")
+    parser.add_argument("--rounds", type=int, default=50, help="latency rounds")
     parser.add_argument("--out", default=str(ROOT / "bench"))
     parser.add_argument(
         "--fetch-only", action="store_true", help="fetch the mediapipe models and stop"
