@@ -9,6 +9,7 @@ from .chain import MergeLinearChain
 from .constants import FoldConstants
 from .forward import FoldIntoFollowingLayers
 from .identity import RemoveIdentity
+from .normalize import AddSignatureDef, DequantizeFloat16Weights
 from .preactivation import (
     MakeGammaPositive,
     MoveBareScaleForward,
@@ -20,6 +21,9 @@ from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
 
 ALL_RULES: list[Rule] = [
+    # storage normalizations first, so what they expose (float32 weights) folds like the rest
+    DequantizeFloat16Weights(),
+    AddSignatureDef(),
     FoldConstants(),
     RemoveIdentity(),
     MergeLinearChain(),
