@@ -7,6 +7,7 @@ from .backward import FoldIntoPrecedingLayer
 from .base import Context, Decline, Rule
 from .chain import MergeLinearChain
 from .constants import FoldConstants
+from .equalize import EqualizeCrossLayer
 from .forward import FoldIntoFollowingLayers
 from .identity import RemoveIdentity
 from .normalize import AddSignatureDef, DequantizeFloat16Weights
@@ -37,11 +38,13 @@ ALL_RULES: list[Rule] = [
     FuseActivation(),
     MoveStrideUp(),
     StandaloneBnToDepthwise(),
+    EqualizeCrossLayer(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
 
 
-TARGETS = ("float", "int8")
+TARGETS = ("float", "int8", "dynamic")
+WEIGHT_GRANULARITIES = ("channel", "tensor")
 
 
 def default_rules(target: str = "float") -> list[Rule]:
@@ -68,6 +71,7 @@ __all__ = [
     "ALL_RULES",
     "RULES_BY_NAME",
     "TARGETS",
+    "WEIGHT_GRANULARITIES",
     "Context",
     "Decline",
     "Rule",
