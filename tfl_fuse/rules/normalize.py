@@ -1,4 +1,4 @@
-"""Normalizations that make a float model quantizer-ready (on by default with ``--target int8``).
+"""Normalizations that make a float model quantizer-ready (on with ``--target int8``/``dynamic``).
 
 They change how the model is stored, never what it computes.
 
