@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench bench-quant mediapipe-models lint recipes install install-test clean
+.PHONY: demo test bench bench-quant bench-cle mediapipe-models lint recipes install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/quantbench.py
+
+## make bench-cle: equalize_cross_layer's criterion against measured int8 errors, group by group
+bench-cle: $(VENV)/.installed-test
+	$(BIN)/python tools/cle_study.py
 
 ## make bench-quant: the quantization section alone (ai-edge-quantizer on (a) untouched, (b) default, (c) --target int8)
 bench-quant: $(VENV)/.installed-test
