@@ -63,7 +63,13 @@ def test_empty_file(capsys, tmp_path):
 @pytest.mark.parametrize("fraction", [0.02, 0.1, 0.3, 0.5, 0.8, 0.95])
 def test_truncated_file(capsys, tmp_path, good_model, fraction):
     cut = max(8, int(len(good_model) * fraction))
-    assert_refused(capsys, tmp_path, good_model[:cut], "corrupt or truncated", existing=b"keep me")
+    assert_refused(
+        capsys,
+        tmp_path,
+        good_model[:cut],
+        "truncated or not a tflite flatbuffer",
+        existing=b"keep me",
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
