@@ -148,3 +148,19 @@ def _report(before, after, rewrites, declined):
         "rewrites": [{}] * rewrites,
         "declined": [{}] * declined,
     }
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, models):
+    pytest.importorskip("tqdm")
+    root = tmp_path / "in"
+    root.mkdir()
+    for k in range(3):
+        (root / f"m{k}.tflite").write_bytes(models["conv"])
+    code, _, err = run(capsys, root, tmp_path / "plain")
+    assert code == 0 and "\r" not in err
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    code = cli.main([str(root), str(tmp_path / "tty")])
+    err = capsys.readouterr().err
+    assert code == 0 and "/3 [" in err and "model/s" in err
+    code = cli.main([str(root), str(tmp_path / "quiet"), "-q"])
+    assert code == 0 and capsys.readouterr().err == ""
