@@ -162,7 +162,9 @@ def _run(
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     model = fb.decode(data)
     source_format = model.format
+    normalized = fb.inconsistent_opcodes(model)
     report = engine.run(model, chosen, exclude, target, weight_granularity, stop_after=stop_after)
+    report["normalized"] = normalized
     written_format = output_format or source_format
     image = fb.encode_image(model, written_format)
     report["format"] = {"input": source_format, "output": written_format}

@@ -447,6 +447,8 @@ def _check_result(args: argparse.Namespace, report: dict[str, Any]) -> int:
 def _verbose(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if not args.verbose:
         return
+    for line in report.get("normalized", []):
+        print(f"  normalized {line}", file=sys.stderr)
     for entry in report.get("rewrites", []):
         print(f"  rewrote  {entry_text(entry)}", file=sys.stderr)
     for entry in report.get("declined", []):

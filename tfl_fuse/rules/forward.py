@@ -188,7 +188,9 @@ class FoldIntoFollowingLayers(Rule):
                 self.declined(graph, ctx, op, f"not folded into the following layers: {decline}")
                 continue
             labels = self.labels(graph, [op, *consumers])
-            scaled = bool(np.any(affine.scale != 1)) and not is_uniform(affine.scale)
+            scaled = not is_uniform(affine.scale) and any(
+                layer.opcode.name != "DEPTHWISE_CONV_2D" for layer in consumers
+            )
             for layer, (weights, bias) in plans:
                 layout = LAYERS[layer.opcode.name]
                 graph.set_constant(layer, layout.weight_input, weights.astype(np.float32))
