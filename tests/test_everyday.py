@@ -288,3 +288,21 @@ def test_api_arguments_are_validated(demo_bytes, demo, tmp_path):
     dst = tmp_path / "o.circle"
     report = tfl_fuse.optimize_file(demo, dst)
     assert report["output"] == str(dst) and dst.read_bytes()[4:8] == b"CIR0"
+
+
+def test_culprit_found_after_an_exact_prefix(tmp_path):
+    """Zero scales become 1e-10: outputs still match until the shift t/1e-10 is pushed into
+    biases (rewrite 3); bisection names that rewrite and the approximate one behind it."""
+    data = chef.cook(RECIPES / "Net_Preactivation_ZeroGamma_000")[0]
+    names = [r.name for r in rules.default_rules()] + ["make_gamma_positive"]
+    with pytest.raises(tfl_fuse.VerificationError) as info:
+        tfl_fuse.optimize(data, names, verify=True)
+    culprit = info.value.result["culprit"]
+    assert culprit["index"] == 3 and culprit["rule"] == "push_shift_backward"
+    assert "after approximate rewrite 1: [make_gamma_positive]" in str(info.value)
+    # the first two rewrites alone still match: the bisection's claim, checked directly
+    model = fb.decode(data)
+    engine.run(model, rules.select(names), stop_after=2)
+    from tfl_fuse.verify import compare_models
+
+    assert compare_models(data, bytes(fb.encode(model)))["match"]

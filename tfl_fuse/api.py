@@ -36,6 +36,13 @@ class VerificationError(Exception):
 DEFAULT_TOLERANCE = 1e-5
 
 
+class UnknownRuleError(ValueError, KeyError):
+    """An unknown rule name (a ValueError; also a KeyError, as earlier versions raised)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _names_argument(value: Any, parameter: str, allow_none: bool = True) -> list[str] | None:
     """A list of names from ``value``; TypeError naming ``parameter`` for a bare string."""
     if value is None and allow_none:
@@ -99,13 +106,6 @@ def check_options(
     return chosen, disabled, patterns
 
 
-class UnknownRuleError(ValueError, KeyError):
-    """An unknown rule name (a ValueError; also a KeyError, as earlier versions raised)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 def optimize_image(
     data: bytes | bytearray | memoryview | mmap.mmap,
     rules_to_run: list[str] | None = None,
@@ -135,7 +135,15 @@ def optimize_image(
                 f"--verify: outputs differ beyond tolerance {tolerance:g} ({result['summary']})"
             )
             culprit = find_culprit(
-                data, chosen, patterns, output_format, target, weight_granularity, seed, tolerance
+                data,
+                report["rewrites"],
+                chosen,
+                patterns,
+                output_format,
+                target,
+                weight_granularity,
+                seed,
+                tolerance,
             )
             if culprit is not None:
                 result["culprit"] = culprit
@@ -143,6 +151,17 @@ def optimize_image(
                     f"; first after rewrite {culprit['index']} of {len(report['rewrites'])}: "
                     f"{entry_text(culprit)}"
                 )
+                earlier = [
+                    (i, entry)
+                    for i, entry in enumerate(report["rewrites"][: culprit["index"] - 1], 1)
+                    if entry.get("approximate")
+                ]
+                if earlier and not culprit.get("approximate"):
+                    # an exact rewrite can magnify what an approximate one changed before it
+                    i, entry = earlier[-1]
+                    message += f", after approximate rewrite {i}: {entry_text(entry)}"
+            else:
+                message += "; with no rewrite to blame: decoding and re-encoding changed them"
             raise VerificationError(message, result, report)
     return image, report
 
@@ -174,6 +193,7 @@ def _run(
 
 def find_culprit(
     data: bytes | bytearray | memoryview | mmap.mmap,
+    rewrites: list[dict[str, Any]],
     chosen: list[rules.Rule],
     exclude: list[str],
     output_format: str | None,
@@ -182,36 +202,34 @@ def find_culprit(
     seed: int,
     tolerance: float,
 ) -> dict[str, Any] | None:
-    """The first rewrite after which the outputs differ, with its 1-based ``index``.
+    """The first of ``rewrites`` (a full run's, whose output differs) after which outputs differ.
 
     The engine is deterministic, so a run stopped after k rewrites holds exactly the first k
     rewrites of the full run. Bisection over k: the model after rewrites 1..k-1 matches the
-    original, the one after 1..k does not, so rewrite k changed the outputs (with what came
-    before it). None when no prefix of the rewrites shows the difference on its own.
+    original, the one after 1..k does not, so rewrite k changed the outputs (given those before
+    it). Returns that rewrite with its 1-based ``index``; None when there is no rewrite.
     """
     from .verify import compare_models
 
-    def differs(k: int) -> tuple[bool, dict[str, Any]]:
-        image, report = _run(
+    def differs(k: int) -> bool:
+        image, _ = _run(
             data, chosen, exclude, output_format, target, weight_granularity, stop_after=k
         )
         result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance))
-        return not result["match"], report
+        return not result["match"]
 
-    _, full = _run(data, chosen, exclude, output_format, target, weight_granularity)
-    total = len(full["rewrites"])
-    if total == 0:
+    if not rewrites:
         return None
-    low, high = 0, total  # the model after `low` rewrites matches; after `high` it differs
-    if not differs(total)[0]:
-        return None
+    low, high = 0, len(rewrites)  # after `low` rewrites the outputs match; after `high` not
     while high - low > 1:
         middle = (low + high) // 2
-        if differs(middle)[0]:
+        if differs(middle):
             high = middle
         else:
             low = middle
-    return {"index": high, **full["rewrites"][high - 1]}
+    if low == 0 and high == 1 and differs(0):
+        return None  # the decode/encode alone changes the outputs
+    return {"index": high, **rewrites[high - 1]}
 
 
 def optimize(
