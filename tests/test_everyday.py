@@ -306,3 +306,25 @@ def test_culprit_found_after_an_exact_prefix(tmp_path):
     from tfl_fuse.verify import compare_models
 
     assert compare_models(data, bytes(fb.encode(model)))["match"]
+
+
+def test_model_explorer_overlay_marks_the_input_models_ops(demo, tmp_path, capsys):
+    import explorer_overlay
+
+    src = tmp_path / "neg.tflite"
+    src.write_bytes(chef.cook(RECIPES / "Net_Conv_Relu_NegMul_000")[0])
+    _, report = tfl_fuse.optimize(demo.read_bytes())
+    _, declining = tfl_fuse.optimize(src.read_bytes())
+    report["declined"] = declining["declined"]
+    data = explorer_overlay.overlay(report)
+    results = {name: r["value"] for name, r in data["results"].items()}
+    # folded MULs/ADDs are green (1), the layers that took them blue only if not also folded
+    assert results["m2"] == 1 and results["mul"] == 1 and results["preact"] == 1
+    assert results["up"] == 1  # TRANSPOSE_CONV:up is named in the fold's ops
+    assert results["c"] == 3 and results["a"] == 3 and results["d"] == 3
+    assert results["ofm"] == 1  # demo's ADD:ofm folded; the other model's declined MUL:ofm loses
+    assert [t["value"] for t in data["thresholds"]] == [1, 2, 3]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"declined": declining["declined"], "rewrites": []}))
+    assert explorer_overlay.main([str(path), "-o", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["results"] == {"ofm": {"value": 2}}
