@@ -90,6 +90,9 @@ def test_all_good_exits_0_and_output_format_changes_the_suffix(tmp_path, capsys,
     out = tmp_path / "out"
     code, _, err = run(capsys, root, out, "--output-format", "circle", "-q")
     assert code == 0 and err == ""
+    code, _, err = run(capsys, root, tmp_path / "o2", "--exclude", "^nothing$")
+    assert code == 0 and "warning: --exclude '^nothing$' matches no op's output tensor name" in err
+    assert "(in 1 of 1 model)" in err
     assert (out / "x" / "m.circle").read_bytes()[4:8] == b"CIR0"
     assert not (out / "x" / "m.tflite").exists()
 

@@ -194,6 +194,15 @@ def run_batch(args: argparse.Namespace, options: Options) -> int:
     mismatched = [r for r in ordered if r["status"] == "mismatch"]
     changed = [r for r in ordered if r["status"] == "ok" and r["report"]["rewrites"]]
     if not args.quiet:
+        counts: dict[str, int] = {}
+        for row in ordered:
+            for message in (row.get("report") or {}).get("warnings", []):
+                counts[message] = counts.get(message, 0) + 1
+        for message, count in counts.items():
+            print(
+                f"tfl-fuse: warning: {message} (in {count} of {plural(len(ordered), 'model')})",
+                file=sys.stderr,
+            )
         print(table(ordered, args.check), file=sys.stderr)
         if args.verbose or args.check:
             for row in ordered:
