@@ -111,16 +111,19 @@ def test_options_that_do_nothing_warn_once(demo, tmp_path, capsys):
         "1e-3",
         "--weight-granularity",
         "tensor",
+        "-j",
+        "2",
     )
     assert code == 0
     lines = warnings(err)
-    assert len(lines) == 5, err
+    assert len(lines) == 6, err
     for expected in (
         "--exclude '^no_such_tensor$' matches no op's output tensor name",
         "writing a tflite model to",
         "--disable standalone_bn_to_depthwise: it would not run anyway",
         "--tolerance does nothing without --verify",
         "--weight-granularity does nothing with --target float",
+        "-j does nothing for a single model",
     ):
         assert sum(expected in line for line in lines) == 1, (expected, lines)
     assert out.read_bytes()[4:8] == b"TFL3"  # the explicit option wins
@@ -149,6 +152,10 @@ def test_check_exits_4_when_rules_would_change_and_writes_nothing(demo, tmp_path
     assert code == 0 and "no rule would change the model" in err
     code, _, err = run(capsys, demo, "--check", "-q")
     assert code == 4 and err == ""
+    code, _, err = run(capsys, demo, "--check", "--dry-run")
+    assert code == 4 and warnings(err) == [
+        "tfl-fuse: warning: --dry-run: --check writes nothing anyway"
+    ]
     assert "give IN only" in usage_error(capsys, demo, tmp_path / "o.tflite", "--check")
 
 
