@@ -22,11 +22,15 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-## make demo: build the bundled example (a pre-activation residual block) and optimize it
+## make demo: build the bundled example (a pre-activation residual block) and optimize it;
+## prints what changed and the summary; the JSON report goes to build/demo/report.json
 demo: $(VENV)/.installed
 	@mkdir -p $(BUILD)/demo
-	$(BIN)/python tools/chef.py recipes/Demo_Residual_Preact_BN -o $(BUILD)/demo/example.tflite
-	$(BIN)/python -m tfl_fuse $(BUILD)/demo/example.tflite $(BUILD)/demo/example.opt.tflite --verify -v --report -
+	@$(BIN)/python tools/chef.py recipes/Demo_Residual_Preact_BN -o $(BUILD)/demo/example.tflite
+	@echo "optimizing $(BUILD)/demo/example.tflite (a pre-activation residual block) into $(BUILD)/demo/example.opt.tflite:"
+	@$(BIN)/python -m tfl_fuse $(BUILD)/demo/example.tflite $(BUILD)/demo/example.opt.tflite \
+	  --verify -v --report $(BUILD)/demo/report.json
+	@echo "the JSON report: $(BUILD)/demo/report.json"
 
 ## make test: the whole suite (recipes, unit tests, Keras models converted with tensorflow-cpu)
 test: $(VENV)/.installed-test

@@ -89,9 +89,13 @@ def output_names(data: bytes | bytearray | memoryview) -> tuple[list[str], list[
 
 
 def compare_arrays(
-    expected: np.ndarray, actual: np.ndarray, rtol: float = RTOL, atol: float | None = None
+    expected: np.ndarray,
+    actual: np.ndarray,
+    rtol: float = RTOL,
+    atol: float | None = None,
+    atol_scale: float = ATOL_SCALE,
 ) -> tuple[bool, float]:
-    """(match, max abs difference); float atol defaults to ATOL_SCALE * max |expected| (at least 1e-6)."""
+    """(match, max abs difference); float atol defaults to atol_scale * max |expected| (at least 1e-6)."""
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return False, float("inf")
     if expected.dtype.kind not in "fc":
@@ -102,7 +106,7 @@ def compare_arrays(
         )
         return diff == 0.0, diff
     if atol is None:
-        atol = max(ATOL_SCALE * float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
+        atol = max(atol_scale * float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
     diff = float(np.max(np.abs(expected.astype(np.float64) - actual))) if expected.size else 0.0
     same_nan = np.array_equal(np.isnan(expected), np.isnan(actual))
     ok = same_nan and bool(np.allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True))
@@ -115,6 +119,7 @@ def compare_models(
     seed: int = 0,
     rtol: float = RTOL,
     kinds: tuple[str, ...] = ("normal", "zeros", "large"),
+    atol_scale: float = ATOL_SCALE,
 ) -> dict[str, Any]:
     """Run both models on seeded inputs of each kind and compare every output."""
     reference = interpreter(original)
@@ -133,14 +138,14 @@ def compare_models(
                 "max_abs_diff": {},
             }
         for name, e, a in zip(names, expected, actual):
-            ok, diff = compare_arrays(e, a, rtol)
+            ok, diff = compare_arrays(e, a, rtol, atol_scale=atol_scale)
             worst[name] = max(worst[name], diff)
             if e.dtype.kind == "f" and e.size and np.isfinite(diff) and np.any(np.isfinite(e)):
                 scale = float(np.max(np.abs(e[np.isfinite(e)])))
                 relative[name] = max(relative[name], diff / scale if scale else diff)
             match = match and ok
-    summary = ", ".join(
-        f"{n}: max |diff| {worst[n]:.3g} ({relative[n]:.2g} of max |output|)" for n in names
+    summary = "; ".join(
+        f"{n}: {relative[n]:.2g} of max |output|, max |diff| {worst[n]:.3g}" for n in names
     )
     return {
         "match": match,

@@ -85,8 +85,63 @@ KEY_ALIASES = {
 }
 
 
+# Every key a recipe may hold, in one place: when the chef or tests/test_recipes.py learns a new
+# key, add it here (recipes/README.md describes them). A key outside these lists is an error
+# naming the recipe file, so a typo never turns an expectation off silently.
+RECIPE_KEYS = {
+    "top level": {
+        "name", "format", "seed", "data_format", "signature",
+        "inputs", "outputs", "operand", "operation", "expect",
+    },
+    "expect": {
+        "rules", "exclude", "target", "weight_granularity",
+        "ops_after", "fired", "not_fired", "unchanged", "declined", "rtol",
+    },
+    "expect.declined": {"rule", "reason"},
+    "operand": {"name", "type", "shape", "filler", "quant", "same_buffer_as"},
+    "operand.filler": {
+        "kind", "seed", "mean", "stddev", "low", "high", "value", "values", "axis_scale",
+    },
+    "operand.quant": {"scale", "zero_point", "quantized_dimension"},
+    "operation": {"type", "inputs", "outputs", "options", "version"},
+}  # fmt: skip
+
+
 class RecipeError(Exception):
     """A recipe is malformed; the message names the key."""
+
+
+def _unknown_keys(table: Any, kind: str, where: str) -> None:
+    """RecipeError for a key ``kind`` tables do not take (a top-level key after [expect] too)."""
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: expected a table, got {type(table).__name__}")
+    for key in table:
+        if key in RECIPE_KEYS[kind]:
+            continue
+        if kind == "expect" and key in RECIPE_KEYS["top level"]:
+            raise RecipeError(
+                f"{where}.{key}: a top-level key written after [expect] belongs to [expect] in "
+                "TOML; move it above the [expect] header"
+            )
+        known = ", ".join(sorted(RECIPE_KEYS[kind]))
+        raise RecipeError(f"{where}.{key}: unknown key (known in {kind}: {known})")
+
+
+def check_keys(recipe: dict[str, Any]) -> None:
+    """Every key of ``recipe`` is one the chef or the recipe test reads (RECIPE_KEYS)."""
+    _unknown_keys({k: v for k, v in recipe.items() if k != "_file"}, "top level", "recipe")
+    expect = recipe.get("expect", {})
+    _unknown_keys(expect, "expect", "expect")
+    for i, declined in enumerate(expect.get("declined", [])):
+        _unknown_keys(declined, "expect.declined", f"expect.declined[{i}]")
+    for i, operand in enumerate(recipe.get("operand", [])):
+        _unknown_keys(operand, "operand", f"operand[{i}]")
+        if "filler" in operand:
+            _unknown_keys(operand["filler"], "operand.filler", f"operand[{i}].filler")
+        if "quant" in operand:
+            _unknown_keys(operand["quant"], "operand.quant", f"operand[{i}].quant")
+    for i, operation in enumerate(recipe.get("operation", [])):
+        _unknown_keys(operation, "operation", f"operation[{i}]")
 
 
 def camel(key: str) -> str:
@@ -105,6 +160,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RecipeError(f"{file}: no such recipe file") from None
     except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{file}: {error}") from None
+    try:
+        check_keys(recipe)
+    except RecipeError as error:
         raise RecipeError(f"{file}: {error}") from None
     recipe.setdefault("name", file.parent.name)
     recipe["_file"] = str(file)
