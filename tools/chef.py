@@ -52,6 +52,11 @@ OPTIONS_TABLE = {
     "SPLIT": "SplitOptions",
     "SQUEEZE": "SqueezeOptions",
     "TRANSPOSE": "TransposeOptions",
+    "STRIDED_SLICE": "StridedSliceOptions",
+    "SLICE": "SliceOptions",
+    "GATHER": "GatherOptions",
+    "EXPAND_DIMS": "ExpandDimsOptions",
+    "MIRROR_PAD": "MirrorPadOptions",
     "MAXIMUM": "MaximumMinimumOptions",
     "MINIMUM": "MaximumMinimumOptions",
 }
@@ -75,6 +80,15 @@ OPTION_DEFAULTS = {
     },
     "Pool2DOptions": {"strideW": 1, "strideH": 1, "filterWidth": 1, "filterHeight": 1},
     "ReducerOptions": {"keepDims": True},
+    "StridedSliceOptions": {
+        "beginMask": 0,
+        "endMask": 0,
+        "ellipsisMask": 0,
+        "newAxisMask": 0,
+        "shrinkAxisMask": 0,
+        "offset": False,
+    },
+    "GatherOptions": {"axis": 0, "batchDims": 0},
 }
 # Op versions that LiteRT accepts for what the chef writes.
 OP_VERSIONS = {"TRANSPOSE_CONV": 3, "DEPTHWISE_CONV_2D": 2}
