@@ -7,6 +7,7 @@ import random
 
 import chef
 import pytest
+from leftovers import unexplained_leftovers
 
 import tfl_fuse
 from tfl_fuse import fb, verify
@@ -196,6 +197,7 @@ def test_random_network_keeps_its_outputs(seed):
         result = verify.compare_models(data, out, seed=seed, rtol=rtol, kinds=kinds)
         assert result["match"], (result["summary"], report["rewrites"])
     assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
+    assert unexplained_leftovers(out, report) == [], report["declined"]
     again, second = tfl_fuse.optimize(out)
     assert second["rewrites"] == []
 
