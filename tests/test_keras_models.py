@@ -9,6 +9,7 @@ from __future__ import annotations
 import kerasmodels
 import numpy as np
 import pytest
+from leftovers import unexplained_leftovers
 
 import tfl_fuse
 from tfl_fuse import fb, rules, verify
@@ -21,6 +22,7 @@ RTOL = 1e-4
 def optimize(path):
     data = path.read_bytes()
     out, report = tfl_fuse.optimize(data)
+    assert unexplained_leftovers(bytes(out), report) == [], report["declined"]
     return data, bytes(out), report
 
 

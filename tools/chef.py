@@ -229,9 +229,12 @@ def build_model(recipe: dict[str, Any]) -> Model:
         if kind not in _builtin_names(fmt):
             raise RecipeError(f"{where}.type: unknown operator {operation.get('type')!r}")
         version = int(operation.get("version", OP_VERSIONS.get(kind, 1)))
+        custom_code = operation.get("custom_code")
+        if (kind == "CUSTOM") != (custom_code is not None):
+            raise RecipeError(f"{where}.custom_code: a CUSTOM operation, and only one, needs one")
         op = Table(
             "Operator",
-            opcode=model.opcode(kind, version),
+            opcode=model.opcode(kind, version, custom_code),
             inputs=[lookup(n, f"{where}.inputs") for n in operation.get("inputs", [])],
             outputs=[lookup(n, f"{where}.outputs") for n in operation.get("outputs", [])],
         )

@@ -273,10 +273,15 @@ ZERO_INSERTING = ("PAD", "SPACE_TO_BATCH_ND")
 
 def static_shape(graph: Graph, tensor: int) -> list[int] | None:
     shape = graph.shape(tensor)
-    signature = graph.tensors[tensor].get("shapeSignature")
-    if not shape or any(d <= 0 for d in shape) or (signature is not None and -1 in signature):
+    if not shape or any(d <= 0 for d in shape):
         return None
     return shape
+
+
+def dynamic_axes(graph: Graph, tensor: int) -> set[int]:
+    """Axes whose extent is only known at run time (-1 in the shape signature, e.g. the batch)."""
+    signature = graph.tensors[tensor].get("shapeSignature")
+    return {i for i, d in enumerate(signature) if d < 0} if signature is not None else set()
 
 
 def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
@@ -294,17 +299,23 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
     if in_shape is None or out_shape is None or not 0 <= axis < len(out_shape):
         return None
     options = op.get("builtinOptions")
+    dynamic = dynamic_axes(graph, source) | dynamic_axes(graph, out)
     if kind == "TRANSPOSE":
         perm = _constant_ints(graph, op, 1)
         if perm is None or len(perm) != len(out_shape):
             return None
         return int(perm[axis]) % len(in_shape)
     if kind in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
-        # only other axes split or merge: the same extent with the same product before it
+        # only other axes split or merge: the same extent with the same product before it. A
+        # run-time batch (axis 0 on both sides) multiplies both products alike.
+        if dynamic - {0} or (dynamic and axis == 0):
+            return None
         before = int(np.prod(out_shape[:axis]))
         for candidate, size in enumerate(in_shape):
             if size == out_shape[axis] and int(np.prod(in_shape[:candidate])) == before:
-                return candidate
+                return None if dynamic and candidate == 0 else candidate
+        return None
+    if axis in dynamic:
         return None
     if len(in_shape) != len(out_shape) or in_shape[axis] != out_shape[axis]:
         return None  # the remaining ops keep the rank; the axis must keep its extent
