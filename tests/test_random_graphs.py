@@ -262,3 +262,19 @@ def test_random_networks_exercise_the_rules():
         "remove_identity",
     }
     assert wanted <= fired
+
+
+@pytest.mark.parametrize("target", ["int8", "dynamic"])
+@pytest.mark.parametrize("seed", range(30))
+def test_random_network_for_a_quantizer_keeps_its_outputs(seed, target):
+    """--target int8/dynamic: the same function, and no scale left in input channels."""
+    recipe = Builder(seed).build(steps=random.Random(seed).randint(4, 10))
+    data = fb.encode(chef.build_model(recipe))
+    out, report = tfl_fuse.optimize(data, target=target)
+    for kinds, rtol in ((("normal", "zeros"), 1e-4), (("large",), 1e-3)):
+        result = verify.compare_models(data, out, seed=seed, rtol=rtol, kinds=kinds)
+        assert result["match"], (result["summary"], report["rewrites"])
+    assert not [r for r in report["rewrites"] if r.get("scaled_input_channels")]
+    assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
+    again, second = tfl_fuse.optimize(out, target=target)
+    assert second["rewrites"] == []

@@ -31,14 +31,20 @@ def optimize_image(
     verify: bool = False,
     seed: int = 0,
     target: str = "float",
+    weight_granularity: str = "channel",
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     """Like :func:`optimize`, but the output is an :class:`~tfl_fuse.fb.Encoded` image to write."""
     if target not in rules.TARGETS:
         raise ValueError(f"target must be one of {', '.join(rules.TARGETS)}, not {target!r}")
+    if weight_granularity not in rules.WEIGHT_GRANULARITIES:
+        raise ValueError(
+            f"weight_granularity must be one of {', '.join(rules.WEIGHT_GRANULARITIES)}, "
+            f"not {weight_granularity!r}"
+        )
     model = fb.decode(data)
     source_format = model.format
     chosen = rules.select(rules_to_run, disable, target)
-    report = engine.run(model, chosen, exclude, target)
+    report = engine.run(model, chosen, exclude, target, weight_granularity)
     target = output_format or source_format
     image = fb.encode_image(model, target)
     report["format"] = {"input": source_format, "output": target}
@@ -62,17 +68,29 @@ def optimize(
     verify: bool = False,
     seed: int = 0,
     target: str = "float",
+    weight_granularity: str = "channel",
 ) -> tuple[bytes, dict[str, Any]]:
     """Optimize model bytes; return (output bytes, report).
 
     ``rules_to_run``: rule names, [] for none (a pure decode/encode), None for the defaults.
-    ``target``: "float" (the output is the model to deploy) or "int8" (a float model that a
-    quantizer takes next: among exact forms, the rules choose the one that quantizes best).
+    ``target``: "float" (the output is the model to deploy), "int8" (a float model that a static
+    int8 quantizer takes next: among exact forms, the rules choose the one that quantizes best)
+    or "dynamic" (likewise, for dynamic-range quantization: int8 weights, float activations).
+    ``weight_granularity``: how that quantizer quantizes weights, "channel" (one scale per output
+    channel: TFLite's converter and ai-edge-quantizer by default) or "tensor".
     Raises ModelError for bad input, KeyError for an unknown rule name, and
     VerificationError when ``verify`` finds a mismatch.
     """
     image, report = optimize_image(
-        data, rules_to_run, disable, exclude, output_format, verify, seed, target
+        data,
+        rules_to_run,
+        disable,
+        exclude,
+        output_format,
+        verify,
+        seed,
+        target,
+        weight_granularity,
     )
     return image.tobytes(), report
 

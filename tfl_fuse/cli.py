@@ -63,9 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=rules.TARGETS,
         default="float",
-        help="float: the output is the model to deploy; int8: the output is a float model to "
-        "quantize next (scales stay on output-channel axes or become per-channel ops, "
-        "quantizer-ready form) (default: float)",
+        help="float: the output is the model to deploy; int8: a float model to quantize next "
+        "with static int8 (scales stay on output-channel axes or become per-channel ops, "
+        "quantizer-ready form); dynamic: likewise for dynamic-range quantization "
+        "(int8 weights, float activations) (default: float)",
+    )
+    parser.add_argument(
+        "--weight-granularity",
+        choices=rules.WEIGHT_GRANULARITIES,
+        default="channel",
+        help="with --target int8 or dynamic: how the quantizer will quantize weights, one scale "
+        "per output channel (the converters' default) or per tensor (default: channel)",
     )
     parser.add_argument(
         "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
@@ -96,14 +104,14 @@ def list_rules() -> str:
     for rule in rules.ALL_RULES:
         if rule.approximate:
             tag = " [approximate; off by default]"
-        elif rule.is_default("float") == rule.is_default("int8"):
-            tag = "" if rule.default else " [off by default]"
         else:
-            tag = (
-                " [on by default only with --target int8]"
-                if rule.is_default("int8")
-                else " [off by default with --target int8]"
-            )
+            on = [t for t in rules.TARGETS if rule.is_default(t)]
+            if len(on) == len(rules.TARGETS):
+                tag = ""
+            elif not on:
+                tag = " [off by default]"
+            else:
+                tag = f" [on by default with --target {' or '.join(on)}]"
         lines.append(f"{rule.name:32s} {rule.summary}{tag}")
     return "\n".join(lines)
 
@@ -121,6 +129,13 @@ def summary(report: dict[str, Any]) -> str:
         + (f" ({changes})" if changes else "")
         + f"; {len(report['rewrites'])} rewrites, {len(report['declined'])} declined"
         + (f"; verify: {report['verify']['summary']}" if "verify" in report else "")
+        + (
+            "; scales went into input channels: to quantize this model next, "
+            "optimize it with --target int8 (or dynamic) instead"
+            if report.get("target", "float") == "float"
+            and any(r.get("scaled_input_channels") for r in report["rewrites"])
+            else ""
+        )
         + (
             "; APPROXIMATE rules changed the outputs"
             if any(r.get("approximate") for r in report["rewrites"])
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     output_format,
                     verify=args.verify,
                     target=args.target,
+                    weight_granularity=args.weight_granularity,
                 )
             except VerificationError as error:
                 _emit_report(args, {"verify": error.result})

@@ -107,10 +107,18 @@ def explain_leftovers(graph: Graph, ctx: Context) -> None:
 
 
 def run(
-    model: Model, rules: list[Rule], exclude: list[str] | None = None, target: str = "float"
+    model: Model,
+    rules: list[Rule],
+    exclude: list[str] | None = None,
+    target: str = "float",
+    weight_granularity: str = "channel",
 ) -> dict[str, Any]:
     """Apply ``rules`` to ``model`` in place until nothing changes; return the report."""
-    ctx = Context(exclude=[re.compile(p) for p in exclude or []], target=target)
+    ctx = Context(
+        exclude=[re.compile(p) for p in exclude or []],
+        target=target,
+        weight_granularity=weight_granularity,
+    )
     before = op_counts(model)
     passes = 0
     for index, subgraph in enumerate(model.subgraphs):
@@ -144,5 +152,6 @@ def run(
         "declined": list(ctx.declines.values()),
         "rules": [rule.name for rule in rules],
         "target": target,
+        **({"weight_granularity": weight_granularity} if target != "float" else {}),
         "passes": passes,
     }

@@ -148,10 +148,23 @@ def fill(
         raise RecipeError(
             f"{where}.filler.kind: unknown filler {kind!r} (gaussian, uniform, constant, explicit)"
         )
+    if "axis_scale" in spec:  # one factor per index of an axis, e.g. channels of very unequal range
+        value = value.reshape(shape) * _axis_factors(spec["axis_scale"], shape, where)
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         value = np.clip(np.round(value), info.min, info.max)
     return value.astype(dtype).reshape(shape)
+
+
+def _axis_factors(spec: dict[str, Any], shape: list[int], where: str) -> np.ndarray:
+    axis, values = spec.get("axis", 0), list(spec.get("values", []))
+    if not -len(shape) <= axis < len(shape) or len(values) != shape[axis]:
+        raise RecipeError(
+            f"{where}.filler.axis_scale: {len(values)} values for axis {axis} of shape {shape}"
+        )
+    factors_shape = [1] * len(shape)
+    factors_shape[axis] = -1
+    return np.asarray(values, dtype=np.float64).reshape(factors_shape)
 
 
 def build_model(recipe: dict[str, Any]) -> Model:

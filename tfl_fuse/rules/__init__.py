@@ -7,6 +7,7 @@ from .backward import FoldIntoPrecedingLayer
 from .base import Context, Decline, Rule
 from .chain import MergeLinearChain
 from .constants import FoldConstants
+from .equalize import EqualizeCrossLayer
 from .forward import FoldIntoFollowingLayers
 from .identity import RemoveIdentity
 from .preactivation import (
@@ -33,11 +34,13 @@ ALL_RULES: list[Rule] = [
     FuseActivation(),
     MoveStrideUp(),
     StandaloneBnToDepthwise(),
+    EqualizeCrossLayer(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}
 
 
-TARGETS = ("float", "int8")
+TARGETS = ("float", "int8", "dynamic")
+WEIGHT_GRANULARITIES = ("channel", "tensor")
 
 
 def default_rules(target: str = "float") -> list[Rule]:
@@ -64,6 +67,7 @@ __all__ = [
     "ALL_RULES",
     "RULES_BY_NAME",
     "TARGETS",
+    "WEIGHT_GRANULARITIES",
     "Context",
     "Decline",
     "Rule",

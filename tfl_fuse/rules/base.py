@@ -9,6 +9,8 @@ from typing import Any
 from ..graph import Graph
 from ..model import Table
 
+QUANTIZED_TARGETS = ("int8", "dynamic")
+
 
 class Decline(Exception):
     """A pattern matched but a condition for an exact rewrite does not hold; says why."""
@@ -19,11 +21,21 @@ class Context:
     """Collects what rules did and refused, and carries the user's options."""
 
     exclude: list[re.Pattern] = field(default_factory=list)
-    # "float": the output is the model to deploy; "int8": a float model a quantizer takes next,
-    # so among exact forms the rules choose the one that quantizes best (README, --target).
+    # "float": the output is the model to deploy; "int8" (static, integer activations) and
+    # "dynamic" (int8 weights, float activations): a float model a quantizer takes next, so
+    # among exact forms the rules choose the one that quantizes best (README, --target).
     target: str = "float"
+
+    @property
+    def quantized_next(self) -> bool:
+        return self.target in QUANTIZED_TARGETS
+
     rewrites: list[dict[str, Any]] = field(default_factory=list)
     declines: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    # how the quantizer that comes next quantizes weights: "channel" (per output channel, the
+    # default of TFLite's converter and ai-edge-quantizer) or "tensor"
+    weight_granularity: str = "channel"
+    memo: dict[str, Any] = field(default_factory=dict)  # what a rule remembers across passes
 
     def excluded(self, graph: Graph, *ops: Table) -> str | None:
         """The first --exclude pattern that matches an output tensor name of ``ops``."""
@@ -49,12 +61,13 @@ class Rule:
     summary: str = ""
     approximate: bool = False  # changes the function computed; never on by default
     default: bool = True
-    int8_default: bool | None = None  # on by default with --target int8 (None: as ``default``)
+    # on by default when a quantizer comes next (--target int8 or dynamic); None: as ``default``
+    int8_default: bool | None = None
 
     def is_default(self, target: str = "float") -> bool:
         if self.approximate:
             return False
-        if target == "int8" and self.int8_default is not None:
+        if target in QUANTIZED_TARGETS and self.int8_default is not None:
             return self.int8_default
         return self.default
 

@@ -36,12 +36,13 @@ from ..model import Table
 from .backward import layer_bias, set_layer_bias
 from .base import Context, Decline, Rule
 from .chain import make_linear
-from .forward import plan_consumer
+from .forward import is_uniform, plan_consumer
 from .predicates import (
     LAYERS,
     Affine,
     affine_of,
     fused_activation,
+    has_fused_activation_slot,
     is_float_constant,
     layer_weights,
     require_finite,
@@ -65,6 +66,7 @@ class Plan:
     bias_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
     constant_deltas: dict[int, tuple[Table, np.ndarray]] = field(default_factory=dict)
     visited: set[int] = field(default_factory=set)
+    target: str = "float"
 
     def add_bias(self, layer: Table, delta: np.ndarray) -> None:
         old = self.bias_deltas.get(id(layer), (layer, 0.0))[1]
@@ -122,7 +124,7 @@ def plan_scale(
             if id(consumer) in plan.weights:
                 raise Decline(f"{kind} reads the scaled tensor twice")
             affine = Affine(consumer, tensor, scale, constant)
-            weights, bias = plan_consumer(graph, consumer, affine, tensor)
+            weights, bias = plan_consumer(graph, consumer, affine, tensor, plan.target)
             plan.weights[id(consumer)] = (consumer, weights)
             if np.any(constant):
                 plan.biases[id(consumer)] = (consumer, bias)
@@ -177,6 +179,27 @@ def apply_weights(graph: Graph, plan: Plan) -> None:
         set_layer_bias(graph, layer, bias)
 
 
+def _widens(plan: Plan, scale: np.ndarray) -> bool:
+    """Whether a non-uniform scale went into input channels of per-output-channel weights."""
+    return not is_uniform(scale) and any(
+        layer.opcode.name != "DEPTHWISE_CONV_2D" for layer, _ in plan.weights.values()
+    )
+
+
+def _relu_would_stay_alone(graph: Graph, tensor: int) -> str | None:
+    """Why a RELU reading ``tensor`` could not be fused into its producer, or None."""
+    producer = graph.producer_of(tensor)
+    if producer is None:
+        return f"{graph.name(tensor)!r} is a graph input"
+    if not has_fused_activation_slot(producer) or fused_activation(producer) != "NONE":
+        return (
+            f"{producer.opcode.name} producing {graph.name(tensor)!r} has no free activation slot"
+        )
+    if graph.is_graph_output(tensor) or len(graph.consumers_of(tensor)) != 1:
+        return f"{graph.name(tensor)!r} has other consumers"
+    return None
+
+
 class MoveScaleForward(Rule):
     bare_only = False
     name = "move_scale_forward"
@@ -212,7 +235,7 @@ class MoveScaleForward(Rule):
                 zero = scale == 0
                 if np.any(zero) and not relu:
                     raise Decline("scale is zero in some channel")
-                plan = Plan()
+                plan = Plan(target=ctx.target)
                 if shift_op is None:  # relu(0 * x) = 0: a zero-scale channel holds 0
                     plan_scale(graph, mul.outputs[0], scale, plan)
                 else:
@@ -260,6 +283,7 @@ class MoveScaleForward(Rule):
                 labels,
                 f"scale moved into {len(plan.weights)} following layer(s)",
                 changed=self.labels(graph, [layer for layer, _ in plan.weights.values()]),
+                **({"scaled_input_channels": True} if _widens(plan, scale) else {}),
             )
             count += 1
         return count
@@ -553,6 +577,13 @@ class PushShiftBackward(Rule):
                     raise Decline(reason)
                 if graph.is_graph_output(op.outputs[0]) and fused_activation(op) == "NONE":
                     raise Decline(f"{graph.name(op.outputs[0])!r} is a graph output")
+                if ctx.target == "int8" and fused_activation(op) == "RELU":
+                    alone = _relu_would_stay_alone(graph, affine.data)
+                    if alone:
+                        raise Decline(
+                            f"--target int8: its RELU would be left as an op of its own "
+                            f"({alone}), which int8 delegates run as a separate partition"
+                        )
                 plan = Plan()
                 push_shift(graph, affine.data, affine.shift, plan, op)
                 if id(op) in plan.constant_deltas:

@@ -1,0 +1,443 @@
+"""Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight Equalization and
+Bias Correction", ICCV 2019, section 4.1), for a float model that a quantizer takes next.
+
+        x                                   x
+        |                                   |
+    L1 (W1, b1, RELU or none)          L1 (W1 / r, b1 / r)
+        |                      =>           |
+    (RELU / PRELU)                     (RELU / PRELU)
+        |                                   |
+    L2 (W2, b2)                        L2 (W2 * r on its input channels, b2)
+
+Math (DESIGN.md 3b). For r > 0 per channel, relu(y / r) = relu(y) / r and prelu(y / r) =
+prelu(y) / r (same alphas), so scaling output channel c of L1 (weights and bias) by 1 / r[c] and
+input channel c of L2 by r[c] computes the same function. It changes only how a quantizer sees
+the layers: the per-channel magnitudes of the tensors between (one int8 scale per tensor) and the
+per-output-channel weight ranges of L2 (and of L1 with per-tensor weights).
+
+Residual blocks carry the scale through both branches of their ADDs: a *group* is every layer
+writing into a set of tensors joined by ops that commute with a positive per-channel scale (ADD
+of two tensors, RELU, PRELU, MAX_POOL_2D, AVERAGE_POOL_2D, RESIZE_BILINEAR,
+RESIZE_NEAREST_NEIGHBOR, PAD with zeros, also on the channel axis) and every layer reading from it. Each producer divides its output channel c by r[c], each
+consumer multiplies its input channel c by r[c]; a channel joined by ADDs or pools has one r. A
+plain pair is the group of one producer and one consumer.
+
+    block input -> DW -> PW -> ADD -> PRELU -> DW -> PW -> ADD -> ...
+         \\__________________/ (skip)      \\__________________/
+
+Nagel's choice r[c] = sqrt(range1[c] * range2[c]) / range2[c] (range1: the largest weight of
+channel c over the producers, range2: of input channel c over the consumers) makes both ranges
+sqrt(range1 * range2).
+
+When it helps: applied blindly it makes some trained networks worse (measured on mediapipe's
+face_landmark: 1.03x-1.12x the int8 error). So a group is equalized only where a model of the
+quantization noise at the consumers' outputs predicts a gain of at least ``MIN_GAIN``. The
+model sums, over the outputs o of every consumer L2, the variance each rounding adds there,
+taking the producers' inputs as unit-variance noise (data-free: sigma[c]^2 = sum of sum W1[c]^2
+over the producers summed into channel c is then its variance, mu[c] the sum of their biases):
+
+    the tensor L2 reads, one scale per tensor:  (max_c (3 sigma[c] + |mu[c]|) / 255)^2 * sum_c W2[o, c]^2
+    L2's weights, step d2[o] = max |W2[o]| / 127: d2[o]^2 * sum_c (sigma[c]^2 + mu[c]^2)
+    L1's weights, step d1[c] = max |W1[c]| / 127: sum_c W2[o, c]^2 * d1[c]^2 * fan_in
+
+each over 12 (uniform rounding); with per-tensor weights (``--weight-granularity tensor``) the
+steps are the whole tensor's. With one scale per channel, L1's term does not change (scaling a
+channel scales its step with it) and L2's widens where the activation term narrows. The gain is
+the ratio of the sums before and after; ``make bench`` checks it against measured int8 errors.
+
+Exact when every producer has no fused activation or RELU (not RELU6: min(y, 6) / r !=
+min(y / r, 6)), every tensor of the group is read only by ops of the group and is no graph
+output, consumers read it as their data input, every r is finite and positive, weights and
+biases are float32 constants, and consumers are not grouped convs (DEPTHWISE_CONV_2D: depth
+multiplier 1, FULLY_CONNECTED: no flattening).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..graph import Graph
+from ..model import Table
+from .backward import layer_bias, scale_along_axis, set_layer_bias
+from .base import Context, Decline, Rule
+from .predicates import (
+    LAYERS,
+    fused_activation,
+    layer_weights,
+    per_channel_vector,
+    require_finite,
+)
+
+LAYER_KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+# The predicted gain (noise before / after) a group must reach, by weight granularity: chosen on
+# mediapipe's trained face_detection_short_range, face_landmark and palm_detection_lite
+# (bench/results.md). With one scale per channel, 1.25 let one palm_detection_lite pair through
+# that made an output 1.15x worse; 1.4 keeps every output at or below the untouched one.
+MIN_GAIN = {"channel": 1.4, "tensor": 1.1}
+R_LIMIT = 1e3  # no channel scaled by more than this (a dead channel would otherwise explode)
+MAX_TIMES = 4  # a group is decided again after its neighbours change, at most this often
+MAX_TENSORS = 512  # a group larger than this is left alone (the search stays linear)
+
+
+@dataclass
+class Group:
+    """Layers that take a per-channel scale together, and the tensors that carry it."""
+
+    producers: list[Table] = field(default_factory=list)
+    consumers: list[Table] = field(default_factory=list)
+    between: list[Table] = field(default_factory=list)
+    # for each tensor of the group, the class (one shared r) of each of its channels
+    classes: dict[int, np.ndarray] = field(default_factory=dict)
+    parent: list[int] = field(default_factory=list)
+
+    def add_tensor(self, tensor: int, channels: int) -> None:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + channels))
+        self.classes[tensor] = np.arange(start, start + channels)
+
+    def find(self, node: int) -> int:
+        while self.parent[node] != node:
+            self.parent[node] = self.parent[self.parent[node]]
+            node = self.parent[node]
+        return node
+
+    def join(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            root_x, root_y = self.find(x), self.find(y)
+            if root_x != root_y:
+                self.parent[max(root_x, root_y)] = min(root_x, root_y)
+
+    def class_of(self, tensor: int) -> np.ndarray:
+        return np.array([self.find(int(n)) for n in self.classes[tensor]])
+
+
+def _channels(graph: Graph, tensor: int) -> int:
+    shape = graph.shape(tensor)
+    return int(shape[-1]) if shape else 0
+
+
+def _is_producer(graph: Graph, op: Table) -> bool:
+    return (
+        op.opcode.name in LAYER_KINDS
+        and len(op.outputs) == 1
+        and fused_activation(op) in ("NONE", "RELU")
+    )
+
+
+def _reads_channels(graph: Graph, layer: Table, tensor: int) -> bool:
+    """``layer`` reads ``tensor`` as its data input, one weight slice per input channel."""
+    kind = layer.opcode.name
+    if kind not in LAYER_KINDS:
+        return False
+    layout = LAYERS[kind]
+    if layer.inputs[layout.data_input] != tensor or list(layer.inputs).count(tensor) != 1:
+        return False
+    weights_shape = graph.shape(layer.inputs[layout.weight_input])
+    channels = _channels(graph, tensor)
+    if kind == "DEPTHWISE_CONV_2D":
+        return len(weights_shape) == 4 and weights_shape[3] == channels
+    return (
+        len(weights_shape) > layout.input_channel_axis
+        and weights_shape[layout.input_channel_axis] == channels
+    )
+
+
+def _passing_inputs(graph: Graph, op: Table) -> list[int] | None:
+    """The data inputs of an op that passes a per-channel scale to its output, else None."""
+    kind, out = op.opcode.name, op.outputs[0] if len(op.outputs) == 1 else -1
+    if out < 0 or graph.dtype(out) != "FLOAT32":
+        return None
+    shape = graph.shape(out)
+    if kind == "ADD":
+        if len(op.inputs) != 2 or fused_activation(op) not in ("NONE", "RELU"):
+            return None
+        if any(graph.is_constant(t) or graph.shape(t) != shape for t in op.inputs):
+            return None
+        return list(op.inputs)
+    if kind in ("RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR"):
+        return [op.inputs[0]]  # each output is a weighted mean of one channel's inputs
+    if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+        return [op.inputs[0]] if fused_activation(op) in ("NONE", "RELU") else None
+    if kind == "RELU":
+        return [op.inputs[0]]
+    if kind == "PRELU":
+        try:
+            per_channel_vector(graph, op.inputs[1], shape[-1], len(shape))
+        except Decline:
+            return None  # alphas that vary along the spatial axes
+        return [op.inputs[0]]
+    if kind == "PAD" and len(op.inputs) == 2 and graph.is_constant(op.inputs[1]):
+        paddings = graph.constant(op.inputs[1])
+        if paddings.shape != (len(shape), 2) or paddings[-1][0] != 0:
+            return None  # channels padded in front would shift the channel index
+        return [op.inputs[0]]
+    return None
+
+
+def find_group(graph: Graph, first: Table) -> Group | None:
+    """The group ``first`` writes into (module docstring), or None where it cannot be scaled."""
+    group = Group()
+    roles: dict[str, set[int]] = {"producer": set(), "consumer": set(), "between": set()}
+    queue: list[int] = []
+
+    def visit(tensor: int) -> None:
+        if tensor not in group.classes:
+            group.add_tensor(tensor, _channels(graph, tensor))
+            queue.append(tensor)
+
+    def add(role: str, op: Table) -> None:
+        if id(op) not in roles[role]:
+            roles[role].add(id(op))
+            {"producer": group.producers, "consumer": group.consumers, "between": group.between}[
+                role
+            ].append(op)
+
+    def add_between(op: Table) -> bool:
+        if id(op) in roles["between"]:
+            return True
+        inputs = _passing_inputs(graph, op)
+        if inputs is None:
+            return False
+        add("between", op)
+        visit(op.outputs[0])
+        for t in inputs:
+            visit(t)
+            _link(group, op, t)
+        return True
+
+    add("producer", first)
+    visit(first.outputs[0])
+    while queue:
+        tensor = queue.pop()
+        if len(group.classes) > MAX_TENSORS or graph.is_graph_output(tensor):
+            return None
+        if graph.dtype(tensor) != "FLOAT32" or not _channels(graph, tensor):
+            return None
+        producer = graph.producer_of(tensor)
+        if producer is None:
+            return None  # a graph input or a constant
+        if _is_producer(graph, producer):
+            add("producer", producer)
+        elif not add_between(producer):
+            return None
+        for consumer in graph.consumers_of(tensor):
+            if _reads_channels(graph, consumer, tensor):
+                add("consumer", consumer)
+            elif not add_between(consumer):
+                return None
+    return group if group.consumers else None
+
+
+def _link(group: Group, op: Table, tensor: int) -> None:
+    """Channel c of ``tensor`` and channel c of ``op``'s output take the same r."""
+    inner, outer = group.classes[tensor], group.classes[op.outputs[0]]
+    group.join(inner, outer[: len(inner)])  # a channel PAD adds zero channels at the end
+
+
+def _weight_axis(layer: Table, role: str) -> int:
+    layout = LAYERS[layer.opcode.name]
+    if role == "output" or layer.opcode.name == "DEPTHWISE_CONV_2D":
+        return layout.output_channel_axis
+    return layout.input_channel_axis
+
+
+def consumer_matrix(kind: str, weights: np.ndarray) -> np.ndarray:
+    """A consumer's weights as [outputs, input channels, taps] (depthwise: one input per output)."""
+    w = weights.astype(np.float64)
+    if kind == "FULLY_CONNECTED":
+        return w[:, :, None]
+    if kind == "DEPTHWISE_CONV_2D":
+        channels = w.shape[3]
+        taps = w.reshape(-1, channels).T  # [C, KH*KW]
+        matrix = np.zeros((channels, channels, taps.shape[1]))
+        matrix[np.arange(channels), np.arange(channels)] = taps
+        return matrix
+    return np.moveaxis(w.reshape(w.shape[0], -1, w.shape[3]), 2, 1)  # [O, I, KH*KW]
+
+
+@dataclass
+class Side:
+    """One layer's part in a group: its weights in the shape the noise model needs."""
+
+    layer: Table
+    tensor: int  # the group tensor it writes (producer) or reads (consumer)
+    classes: np.ndarray  # class of each of that tensor's channels
+    weights: np.ndarray
+
+
+def predicted_noise(
+    producers: list[Side],
+    consumers: list[Side],
+    biases: dict[int, np.ndarray],
+    r: dict[int, float],
+    per_tensor: bool,
+) -> float:
+    """Quantization noise summed over the consumers' outputs for the scaling ``r`` (docstring).
+
+    Producer weights are rows [channels, fan-in], consumer weights [outputs, channels, taps].
+    """
+    variance: dict[int, float] = {}
+    mean: dict[int, float] = {}
+    first_weights: dict[int, float] = {}  # noise variance L1's rounding adds to each class
+    for side in producers:
+        scale = np.array([r[k] for k in side.classes])
+        rows = side.weights / scale[:, None]
+        bias = biases[id(side.layer)] / scale
+        if per_tensor:
+            step = np.full(len(rows), np.abs(rows).max() / 127)
+        else:
+            step = np.abs(rows).max(axis=1) / 127
+        for k, row_var, b, noise in zip(
+            side.classes.tolist(),
+            (rows**2).sum(axis=1),
+            bias,
+            step**2 * rows.shape[1],
+        ):
+            variance[k] = variance.get(k, 0.0) + row_var
+            mean[k] = mean.get(k, 0.0) + b
+            first_weights[k] = first_weights.get(k, 0.0) + noise
+    total = 0.0
+    for side in consumers:
+        scale = np.array([r[k] for k in side.classes])
+        w2 = side.weights * scale[None, :, None]
+        sigma = np.sqrt([variance.get(k, 0.0) for k in side.classes.tolist()])
+        mu = np.array([mean.get(k, 0.0) for k in side.classes.tolist()])
+        energy = (w2**2).sum(axis=2)  # [O, C]
+        activation_step = (3 * sigma + np.abs(mu)).max() / 255
+        step2 = (
+            np.full(w2.shape[0], np.abs(w2).max() / 127)
+            if per_tensor
+            else np.abs(w2).max(axis=(1, 2)) / 127
+        )
+        upstream = np.array([first_weights.get(k, 0.0) for k in side.classes.tolist()])
+        total += activation_step**2 * energy.sum()
+        total += float((step2**2).sum() * (sigma**2 + mu**2).sum() * w2.shape[2])
+        total += float((energy * upstream[None, :]).sum())
+    return total / 12
+
+
+class EqualizeCrossLayer(Rule):
+    name = "equalize_cross_layer"
+    summary = "cross-layer equalization of layers -> (RELU, PRELU, residual ADDs, pools) -> layers where a noise model predicts a better int8 model (exact in float); on with --target int8"
+    default = False
+
+    def is_default(self, target: str = "float") -> bool:
+        return target == "int8"
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        times = ctx.memo.setdefault(self.name, {})
+        decided: set[int] = set()  # producers whose group this pass already looked at
+        for first in graph.live_ops(*LAYER_KINDS):
+            if id(first) in decided or not _is_producer(graph, first):
+                continue
+            group = find_group(graph, first)
+            if group is None:
+                continue
+            decided.update(id(p) for p in group.producers)
+            key = tuple(sorted(id(p) for p in group.producers))
+            if times.get(key, 0) >= MAX_TIMES:
+                continue
+            try:
+                plan = self._plan(graph, ctx, group)
+            except Decline as decline:
+                self.declined(graph, ctx, first, f"not equalized: {decline}")
+                continue
+            if plan is None:
+                continue
+            changes, gain = plan
+            times[key] = times.get(key, 0) + 1
+            labels = self.labels(graph, group.producers + group.between + group.consumers)
+            for layer, (weights, bias) in changes.items():
+                graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights)
+                if bias is not None:
+                    set_layer_bias(graph, layer, bias)
+            self.rewrote(
+                graph,
+                ctx,
+                labels,
+                f"{len(group.producers)} layer(s) equalized with {len(group.consumers)} "
+                f"following (predicted quantization noise {gain:.2f}x lower)",
+            )
+            count += 1
+        return count
+
+    @staticmethod
+    def _plan(graph: Graph, ctx: Context, group: Group):
+        """({layer: (weights, bias or None)}, gain), None where too little gain, or Decline."""
+        try:
+            weights = {
+                id(layer): layer_weights(graph, layer)
+                for layer in group.producers + group.consumers
+            }
+            biases = {
+                id(layer): layer_bias(
+                    graph, layer, weights[id(layer)].shape[_weight_axis(layer, "output")]
+                )
+                for layer in group.producers
+            }
+        except Decline:
+            return None  # quantized or computed weights: nothing to equalize here
+        reason = ctx.excluded(graph, *group.producers, *group.between, *group.consumers)
+        if reason:
+            raise Decline(reason)
+        producers = []
+        for layer in group.producers:
+            axis = _weight_axis(layer, "output")
+            w = np.moveaxis(weights[id(layer)].astype(np.float64), axis, 0)
+            producers.append(
+                Side(
+                    layer, layer.outputs[0], group.class_of(layer.outputs[0]), w.reshape(len(w), -1)
+                )
+            )
+        consumers = []
+        for layer in group.consumers:
+            tensor = layer.inputs[LAYERS[layer.opcode.name].data_input]
+            matrix = consumer_matrix(layer.opcode.name, weights[id(layer)])
+            consumers.append(Side(layer, tensor, group.class_of(tensor), matrix))
+        range1: dict[int, float] = {}
+        range2: dict[int, float] = {}
+        for side in producers:
+            for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=1)):
+                range1[k] = max(range1.get(k, 0.0), value)
+        for side in consumers:
+            for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=(0, 2))):
+                range2[k] = max(range2.get(k, 0.0), value)
+        r = {}
+        for k in set(range1) | set(range2):
+            a, b = range1.get(k, 0.0), range2.get(k, 0.0)
+            r[k] = (
+                float(np.clip(np.sqrt(a * b) / b, 1 / R_LIMIT, R_LIMIT)) if a > 0 and b > 0 else 1.0
+            )
+        per_tensor = ctx.weight_granularity == "tensor"
+        ones = dict.fromkeys(r, 1.0)
+        before = predicted_noise(producers, consumers, biases, ones, per_tensor)
+        after = predicted_noise(producers, consumers, biases, r, per_tensor)
+        gain = before / after if after > 0 else 1.0
+        if not gain >= MIN_GAIN[ctx.weight_granularity]:
+            return None
+        new: dict[int, np.ndarray] = {
+            id(layer): weights[id(layer)].astype(np.float64)
+            for layer in group.producers + group.consumers
+        }
+        changes: dict[Table, tuple[np.ndarray, np.ndarray | None]] = {}
+        for side in consumers:
+            scale = np.array([r[k] for k in side.classes])
+            new[id(side.layer)] = scale_along_axis(
+                new[id(side.layer)], scale, _weight_axis(side.layer, "input")
+            )
+        for side in producers:
+            scale = np.array([r[k] for k in side.classes])
+            new[id(side.layer)] = scale_along_axis(
+                new[id(side.layer)], 1 / scale, _weight_axis(side.layer, "output")
+            )
+            bias = biases[id(side.layer)] / scale
+            require_finite(new[id(side.layer)], bias)
+            changes[side.layer] = (new[id(side.layer)].astype(np.float32), bias)
+        for side in consumers:
+            if side.layer not in changes:
+                require_finite(new[id(side.layer)])
+                changes[side.layer] = (new[id(side.layer)].astype(np.float32), None)
+        return changes, gain
