@@ -276,5 +276,6 @@ def test_random_network_for_a_quantizer_keeps_its_outputs(seed, target):
         assert result["match"], (result["summary"], report["rewrites"])
     assert not [r for r in report["rewrites"] if r.get("scaled_input_channels")]
     assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
+    assert unexplained_leftovers(out, report) == [], report["declined"]
     again, second = tfl_fuse.optimize(out, target=target)
     assert second["rewrites"] == []
