@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("litert_torch")
 
 import torchmodels  # noqa: E402
+from conftest import BUILD  # noqa: E402
 from leftovers import leftovers, unexplained_leftovers  # noqa: E402
 
 import tfl_fuse  # noqa: E402
@@ -45,13 +46,40 @@ EXPECTED_LEFTOVERS = {
 }
 
 
+SUMMARY = BUILD / "converters" / "summary.md"
+LINEAR = ("MUL", "ADD", "SUB", "DIV")
+
+
+@pytest.fixture(scope="module")
+def summary():
+    """Rows of build/converters/summary.md: ops before/after, leftovers and why, per net."""
+    rows: list[str] = []
+    yield rows
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    header = "| net | ops before -> after | MUL/ADD/SUB/DIV before -> after | max abs diff | leftovers and why |\n|---|---|---|---|---|\n"
+    SUMMARY.write_text(header + "\n".join(rows) + "\n")
+
+
+def _counts(ops: dict[str, int]) -> str:
+    return "/".join(str(ops.get(k, 0)) for k in LINEAR)
+
+
 @pytest.mark.parametrize("name", torchmodels.NAMES)
-def test_pytorch_net_folds_exactly(name):
+def test_pytorch_net_folds_exactly(name, summary):
     data = torchmodels.converted(name).read_bytes()
     out, report = tfl_fuse.optimize(data)
     result = verify.compare_models(data, out)
+    found = leftovers(out)
+    reasons = [
+        d["reason"] for d in report["declined"] if any(d["where"].endswith(e) for _, e in found)
+    ]
+    summary.append(
+        f"| {name} | {sum(report['ops_before'].values())} -> {sum(report['ops_after'].values())} "
+        f"| {_counts(report['ops_before'])} -> {_counts(report['ops_after'])} "
+        f"| {max(result['max_abs_diff'].values()):.2g} | {'; '.join(reasons) or '-'} |"
+    )
     assert result["match"], result["summary"]
-    left = Counter(entry.split(" -> ")[0] for _, entry in leftovers(out))
+    left = Counter(entry.split(" -> ")[0] for _, entry in found)
     assert dict(left) == EXPECTED_LEFTOVERS[name], (left, report["declined"])
     assert unexplained_leftovers(out, report) == [], report["declined"]
     assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
