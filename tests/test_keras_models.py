@@ -76,6 +76,21 @@ def test_densenet121_folds_every_mul_and_explains_every_add():
     assert_outputs_match(data, out)
 
 
+def test_nasnet_mobile_folds_the_bn_after_each_concat_into_its_convs():
+    """NASNetMobile: two 1x1 convs -> CONCATENATION -> MUL -> ADD, four times; both ops go by
+    slice into the convs (before this, three of the four BNs stayed)."""
+    path = kerasmodels.application(
+        "NASNetMobile", input_shape=(96, 96, 3), classifier_activation=None
+    )
+    data, out, report = optimize(path)
+    assert report["ops_before"]["MUL"] == 4
+    assert report["ops_after"].get("MUL", 0) == 0
+    _, constant_adds = residual_adds(out)
+    assert constant_adds == []
+    assert sum(r["rule"] == "fold_into_preceding_layer" for r in report["rewrites"]) == 8
+    assert_outputs_match(data, out)
+
+
 @pytest.mark.parametrize("name", ["ResNet50V2", "DenseNet121"])
 def test_negative_gammas_still_match_and_are_reported(name):
     path = kerasmodels.application(
