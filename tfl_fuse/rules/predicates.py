@@ -269,6 +269,10 @@ REARRANGING = (
 )
 # Those that insert zeros: a scale commutes with them, a shift does not (the border changes).
 ZERO_INSERTING = ("PAD", "SPACE_TO_BATCH_ND")
+# Pools keep the channel axis and commute with a per-channel shift (LiteRT's SAME pools skip
+# the padded border) and a scale (MAX_POOL_2D: a scale >= 0 only, max keeps order).
+POOLS = ("MAX_POOL_2D", "AVERAGE_POOL_2D")
+CHANNEL_KEEPING = REARRANGING + POOLS
 
 
 def static_shape(graph: Graph, tensor: int) -> list[int] | None:
@@ -288,11 +292,12 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
     """The axis of ``op``'s data input that becomes ``axis`` of its output, unchanged and whole.
 
     When it exists, a per-channel op along ``axis`` after ``op`` equals the same op along the
-    returned axis before it (for ZERO_INSERTING ops: a scale only). None: ``op`` mixes, crops
-    or reorders that axis (or its shapes are not static).
+    returned axis before it (for ZERO_INSERTING ops a scale only, for MAX_POOL_2D a scale >= 0:
+    ``crossing_refusal``). None: ``op`` mixes, crops or reorders that axis (or its shapes are
+    not static).
     """
     kind = op.opcode.name
-    if kind not in REARRANGING or not op.inputs or len(op.outputs) != 1:
+    if kind not in CHANNEL_KEEPING or not op.inputs or len(op.outputs) != 1:
         return None
     source, out = op.inputs[0], op.outputs[0]
     in_shape, out_shape = static_shape(graph, source), static_shape(graph, out)
@@ -321,6 +326,9 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
         return None  # the remaining ops keep the rank; the axis must keep its extent
     if kind in ("BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND"):
         return axis if axis == len(out_shape) - 1 else None
+    if kind in POOLS:
+        last = axis == len(out_shape) - 1 == 3
+        return axis if last and fused_activation(op) == "NONE" else None
     if kind == "STRIDED_SLICE":
         strides = _constant_ints(graph, op, 3)
         masks = (
@@ -346,6 +354,24 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
         if paddings is None or paddings.shape != (len(in_shape), 2) or np.any(paddings[axis]):
             return None
         return axis
+    return None
+
+
+def crossing_refusal(
+    op: Table, kind: str, vector: np.ndarray, activation: str = "NONE"
+) -> str | None:
+    """Why a per-channel MUL (scale ``vector``) or ADD (shift) with a fused ``activation``
+    cannot cross ``op``, or None. Elementwise activations commute with ops that only move
+    elements; with MAX_POOL_2D only the clamps (monotone), with AVERAGE_POOL_2D none."""
+    name = op.opcode.name
+    if kind == "ADD" and name in ZERO_INSERTING:
+        return f"a shift does not commute with the zeros {name} inserts"
+    if kind == "MUL" and name == "MAX_POOL_2D" and np.any(vector < 0):
+        return "MAX_POOL_2D does not commute with a negative scale"
+    if name == "AVERAGE_POOL_2D" and activation != "NONE":
+        return f"AVERAGE_POOL_2D does not commute with the fused {activation}"
+    if name == "MAX_POOL_2D" and activation not in ("NONE", "RELU", "RELU6", "RELU_N1_TO_1"):
+        return f"MAX_POOL_2D does not commute with the fused {activation}"
     return None
 
 

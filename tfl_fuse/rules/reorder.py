@@ -1,4 +1,4 @@
-"""Move a per-channel MUL / ADD / SUB / DIV across ops that only move elements, to reach a layer.
+"""Move a per-channel MUL / ADD / SUB / DIV across ops that keep channels apart, to reach a layer.
 
 Math (DESIGN.md 3.7, 11). TRANSPOSE, RESHAPE / SQUEEZE / EXPAND_DIMS that only split or merge
 other axes, STRIDED_SLICE / SLICE / GATHER over other axes, MIRROR_PAD, PAD and the
@@ -10,7 +10,9 @@ activation, which is elementwise) therefore commutes with such an op R::
                                   (``channel_axis_through``; the constant is laid along c')
 
 PAD and SPACE_TO_BATCH_ND insert zeros: s * 0 = 0, so a scale commutes with them, a shift
-does not. Converters from PyTorch write such ops around every layer (NCHW <-> NHWC TRANSPOSE,
+does not. MAX_POOL_2D and AVERAGE_POOL_2D (no fused activation) keep the channel axis and
+commute with a shift and a scale (MAX_POOL_2D: s >= 0, max keeps order; LiteRT's SAME pools
+skip the padded border rather than pad zeros). Converters from PyTorch write such ops around every layer (NCHW <-> NHWC TRANSPOSE,
 RESHAPE around 1-D convs, STRIDED_SLICE crops after TRANSPOSE_CONV), so the op moves:
 
 * above R (``layer -> R... -> f`` becomes ``layer -> f -> R...``) when a chain of such ops leads
@@ -34,40 +36,49 @@ from ..model import Table
 from .base import Context, Decline, Rule
 from .chain import make_linear
 from .predicates import (
+    CHANNEL_KEEPING,
     LAYERS,
     LINEAR_OPS,
-    REARRANGING,
-    ZERO_INSERTING,
     Affine,
     affine_of,
     axis_constant,
     channel_axis_after,
     channel_axis_through,
+    crossing_refusal,
+    fused_activation,
     has_one_consumer,
 )
 
 MAX_DEPTH = 16
 
 
-def layer_above(graph: Graph, tensor: int, axis: int, depth: int = 0) -> bool:
-    """Whether ``tensor`` is a layer's output on its channel axis, maybe through REARRANGING ops
-    whose outputs each have one consumer."""
+def layer_above(
+    graph: Graph, tensor: int, axis: int, move: tuple[str, np.ndarray, str], depth: int = 0
+) -> bool:
+    """Whether ``tensor`` is a layer's output on its channel axis, maybe through CHANNEL_KEEPING
+    ops that ``move`` (kind, constant) can cross, whose outputs each have one consumer."""
     producer = graph.producer_of(tensor)
     if producer is None or depth > MAX_DEPTH:
         return False
     if producer.opcode.name in LAYERS:
         return axis == len(graph.shape(tensor)) - 1
-    if producer.opcode.name not in REARRANGING or not has_one_consumer(graph, tensor):
+    if (
+        producer.opcode.name not in CHANNEL_KEEPING
+        or not has_one_consumer(graph, tensor)
+        or crossing_refusal(producer, *move)
+    ):
         return False
     source_axis = channel_axis_through(graph, producer, axis)
     return source_axis is not None and layer_above(
-        graph, producer.inputs[0], source_axis, depth + 1
+        graph, producer.inputs[0], source_axis, move, depth + 1
     )
 
 
-def layers_below(graph: Graph, tensor: int, axis: int, shift: bool, depth: int = 0) -> bool:
+def layers_below(
+    graph: Graph, tensor: int, axis: int, move: tuple[str, np.ndarray, str], depth: int = 0
+) -> bool:
     """Whether every consumer of ``tensor`` is a layer reading it on its input-channel axis, maybe
-    through one chain of REARRANGING ops (that a ``shift`` can cross)."""
+    through one chain of CHANNEL_KEEPING ops that ``move`` can cross."""
     if graph.is_graph_output(tensor) or depth > MAX_DEPTH:
         return False
     consumers = graph.consumers_of(tensor)
@@ -86,26 +97,30 @@ def layers_below(graph: Graph, tensor: int, axis: int, shift: bool, depth: int =
         rank = len(graph.shape(tensor))
         if other.data != tensor or (other.axis is not None and other.axis % rank != axis):
             return False
-        return layers_below(graph, consumers[0].outputs[0], axis, shift, depth + 1)
-    if len(consumers) != 1 or consumers[0].opcode.name not in REARRANGING:
+        return layers_below(graph, consumers[0].outputs[0], axis, move, depth + 1)
+    if len(consumers) != 1 or consumers[0].opcode.name not in CHANNEL_KEEPING:
         return False
     mover = consumers[0]
-    if mover.inputs[0] != tensor or (shift and mover.opcode.name in ZERO_INSERTING):
+    if mover.inputs[0] != tensor or crossing_refusal(mover, *move):
         return False
     out_axis = channel_axis_after(graph, mover, axis)
-    return out_axis is not None and layers_below(
-        graph, mover.outputs[0], out_axis, shift, depth + 1
-    )
+    return out_axis is not None and layers_below(graph, mover.outputs[0], out_axis, move, depth + 1)
 
 
-def _single_move(affine: Affine) -> tuple[str, np.ndarray]:
-    """The op as one MUL or one ADD, or Decline (SUB from a constant scales and shifts)."""
+def _single_move(affine: Affine) -> tuple[str, np.ndarray, str]:
+    """The op as one MUL or one ADD with its fused activation, or Decline (SUB from a constant
+    scales and shifts)."""
     has_shift, has_scale = bool(np.any(affine.shift)), bool(np.any(affine.scale != 1))
     if has_shift and has_scale:
         raise Decline("SUB from a constant is left where it is")
+    activation = fused_activation(affine.op)
     if affine.axis is None:  # a single value: keep it one value wherever it goes
-        return ("ADD", affine.shift[:1]) if has_shift else ("MUL", affine.scale[:1])
-    return ("ADD", affine.shift) if has_shift else ("MUL", affine.scale)
+        return (
+            ("ADD", affine.shift[:1], activation)
+            if has_shift
+            else ("MUL", affine.scale[:1], activation)
+        )
+    return ("ADD", affine.shift, activation) if has_shift else ("MUL", affine.scale, activation)
 
 
 class MoveBeforeRearrangement(Rule):
@@ -129,7 +144,7 @@ class MoveBeforeRearrangement(Rule):
 
     def _try_above(self, graph: Graph, ctx: Context, op: Table, affine: Affine, axis: int) -> bool:
         mover = graph.producer_of(affine.data)
-        if mover is None or mover.opcode.name not in REARRANGING or mover.inputs[0] < 0:
+        if mover is None or mover.opcode.name not in CHANNEL_KEEPING or mover.inputs[0] < 0:
             return False
         source = mover.inputs[0]
         if not self._layer_nearby_above(graph, source):
@@ -145,12 +160,12 @@ class MoveBeforeRearrangement(Rule):
                 )
             if source_axis is None or graph.dtype(source) != "FLOAT32":
                 raise Decline(f"{mover.opcode.name} does not keep the channel axis whole")
-            kind, vector = _single_move(affine)
-            if kind == "ADD" and mover.opcode.name in ZERO_INSERTING:
-                raise Decline(
-                    f"a shift does not commute with the zeros {mover.opcode.name} inserts"
-                )
-            if not layer_above(graph, source, source_axis):
+            move = _single_move(affine)
+            kind, vector, _ = move
+            refusal = crossing_refusal(mover, *move)
+            if refusal:
+                raise Decline(refusal)
+            if not layer_above(graph, source, source_axis, move):
                 raise Decline(
                     f"the channel axis above {mover.opcode.name} is not a layer's output channel"
                 )
@@ -175,14 +190,14 @@ class MoveBeforeRearrangement(Rule):
 
     @staticmethod
     def _layer_nearby_above(graph: Graph, tensor: int) -> bool:
-        """A layer right above, or above a chain of REARRANGING ops: worth saying why not."""
+        """A layer right above, or above a chain of CHANNEL_KEEPING ops: worth saying why not."""
         for _ in range(MAX_DEPTH):
             producer = graph.producer_of(tensor)
             if producer is None:
                 return False
             if producer.opcode.name in LAYERS:
                 return True
-            if producer.opcode.name not in REARRANGING or not producer.inputs:
+            if producer.opcode.name not in CHANNEL_KEEPING or not producer.inputs:
                 return False
             tensor = producer.inputs[0]
         return False
@@ -193,21 +208,24 @@ class MoveBeforeRearrangement(Rule):
         if len(consumers) != 1 or graph.is_graph_output(out):
             return False
         mover = consumers[0]
-        if mover.opcode.name not in REARRANGING or mover.inputs[0] != out:
+        if mover.opcode.name not in CHANNEL_KEEPING or mover.inputs[0] != out:
             return False
         try:
-            kind, vector = _single_move(affine)
+            move = _single_move(affine)
         except Decline:
             return False
+        kind, vector, _ = move
         target_axis = channel_axis_after(graph, mover, axis)
-        if target_axis is None or not layers_below(
-            graph, mover.outputs[0], target_axis, kind == "ADD"
-        ):
+        if target_axis is None or layer_above(graph, affine.data, axis, move):
+            return False  # R mixes the axis, or the op goes up instead
+        refusal = crossing_refusal(mover, *move)
+        if refusal:
+            if layers_below(graph, mover.outputs[0], target_axis, (kind, vector, "NONE")):
+                # layers wait below, only this crossing is not exact: say so
+                self.declined(graph, ctx, op, f"not moved below {mover.opcode.name}: {refusal}")
             return False
-        if kind == "ADD" and mover.opcode.name in ZERO_INSERTING:
+        if not layers_below(graph, mover.outputs[0], target_axis, move):
             return False
-        if layer_above(graph, affine.data, axis):
-            return False  # the op goes up instead
         reason = ctx.excluded(graph, op, mover)
         if reason or graph.dtype(mover.outputs[0]) != "FLOAT32":
             self.declined(
