@@ -42,6 +42,10 @@ EXPECTED_LEFTOVERS = {
     "depthwise_bn": {"ADD": 1},
     # the same before a padded grouped 3x3 conv (the BN before the grouped 1x1 folds entirely)
     "grouped_bn": {"ADD": 1},
+    # post-activation BN: the scale (> 0) into the conv with ReLU, the shift below the max pool
+    # into the 1x1 conv
+    "conv_relu_bn_maxpool": {},
+    "bn1d_linear": {},  # BN on the input of a Linear: both into FULLY_CONNECTED
     "conv1d_bn": {},  # through the RESHAPE / TRANSPOSE around each 1-D conv, into the conv
 }
 

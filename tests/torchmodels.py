@@ -107,6 +107,17 @@ def _nets():
             ),
             (1, 3, 12, 12),
         ),
+        "conv_relu_bn_maxpool": (
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, 1, 1),
+                nn.ReLU(),
+                nn.BatchNorm2d(8),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 4, 1),
+            ),
+            (1, 3, 16, 16),
+        ),
+        "bn1d_linear": (nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 8)), (1, 16)),
         "conv1d_bn": (
             nn.Sequential(
                 nn.Conv1d(4, 8, 3, padding=1),
@@ -130,6 +141,8 @@ NAMES = [
     "bn_conv2d_1x1",
     "depthwise_bn",
     "grouped_bn",
+    "conv_relu_bn_maxpool",
+    "bn1d_linear",
     "conv1d_bn",
 ]
 
