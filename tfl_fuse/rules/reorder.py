@@ -39,6 +39,7 @@ from .predicates import (
     CHANNEL_KEEPING,
     LAYERS,
     LINEAR_OPS,
+    POOLS,
     Affine,
     affine_of,
     axis_constant,
@@ -158,6 +159,8 @@ class MoveBeforeRearrangement(Rule):
                 raise Decline(
                     f"{graph.name(affine.data)!r} has other consumers or is a graph output"
                 )
+            if mover.opcode.name in POOLS and fused_activation(mover) != "NONE":
+                raise Decline(f"{mover.opcode.name} has fused {fused_activation(mover)}")
             if source_axis is None or graph.dtype(source) != "FLOAT32":
                 raise Decline(f"{mover.opcode.name} does not keep the channel axis whole")
             move = _single_move(affine)
