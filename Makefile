@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-converters bench lint recipes install install-test clean
+.PHONY: demo test test-converters bench bench-quant mediapipe-models lint recipes install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,18 @@ $(VENV)/.installed-converters: setup.cfg pyproject.toml $(VENV)/.installed-test
 test-converters: $(VENV)/.installed-converters
 	TFL_FUSE_CONVERTERS=1 $(BIN)/python -m pytest -q tests/test_converters.py
 
-## make bench: tool cost, inference latency and fold coverage on Keras models
+## make bench: tool cost, inference latency and fold coverage on Keras models, then quantization
 bench: $(VENV)/.installed-test
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/quantbench.py
+
+## make bench-quant: the quantization section alone (ai-edge-quantizer on (a) untouched, (b) default, (c) --target int8)
+bench-quant: $(VENV)/.installed-test
+	$(BIN)/python tools/quantbench.py
+
+## make mediapipe-models: fetch the mediapipe 0.10.21 wheel and unzip its trained models into build/cache/mediapipe
+mediapipe-models: $(VENV)/.installed-test
+	$(BIN)/python tools/quantbench.py --fetch-only
 
 ## make recipes: build every recipe model into build/recipes-models
 recipes: $(VENV)/.installed

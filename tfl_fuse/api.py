@@ -44,7 +44,9 @@ def optimize_image(
     model = fb.decode(data)
     source_format = model.format
     chosen = rules.select(rules_to_run, disable, target)
+    normalized = fb.inconsistent_opcodes(model)
     report = engine.run(model, chosen, exclude, target, weight_granularity)
+    report["normalized"] = normalized
     target = output_format or source_format
     image = fb.encode_image(model, target)
     report["format"] = {"input": source_format, "output": target}

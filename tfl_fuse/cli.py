@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     report["output"] = None if args.dry_run else str(args.output)
     _emit_report(args, report)
     if args.verbose:
+        for line in report.get("normalized", []):
+            print(f"  normalized {line}", file=sys.stderr)
         for entry in report["rewrites"]:
             print(
                 f"  rewrote  [{entry['rule']}] {' + '.join(entry['ops'])}: {entry['detail']}",

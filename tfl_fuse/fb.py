@@ -477,6 +477,31 @@ def _packed(fmt: Format, buffer: Table, holes: list) -> _PackedBuffer:
     return _PackedBuffer(fmt, buffer.data, buffer._source_offset if unchanged else None, holes)
 
 
+def inconsistent_opcodes(model: Model) -> list[str]:
+    """What the writer will correct in the input's operator-code fields, one line per code.
+
+    Current writers set ``deprecated_builtin_code = min(code, 127)`` (127 is
+    PLACEHOLDER_FOR_GREATER_OP_CODES; circle's negative codes stay as they are) and
+    ``builtin_code = code``; readers take the larger of the two, as TFLite's GetBuiltinCode
+    does. A code stored otherwise (older writers left ``builtin_code`` at 0) is written back
+    in the current form: same operator, both fields set.
+    """
+    fmt = formats.get(model.format)
+    found = []
+    for code in model.opcodes:
+        source = code.source
+        if source is None:
+            continue
+        stored = (source.get("deprecatedBuiltinCode", 0), source.get("builtinCode", 0))
+        wanted = fmt.op_codes(code.name)
+        if stored != wanted:
+            found.append(
+                f"operator code {code.name}: deprecated_builtin_code/builtin_code "
+                f"{stored[0]}/{stored[1]} written as {wanted[0]}/{wanted[1]}"
+            )
+    return found
+
+
 def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
     fmt = encoder.fmt
     if (
@@ -484,7 +509,11 @@ def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
         and code.source_format == fmt.name
         and code.source.version == code.version
     ):
-        return encoder.table(code.source, f"operator code {code.name}")
+        obj = encoder.table(code.source, f"operator code {code.name}")
+        # Both code fields as current writers set them, whatever the input had (some older
+        # writers left builtin_code at 0, which readers of builtin_code alone take for ADD).
+        obj.deprecatedBuiltinCode, obj.builtinCode = fmt.op_codes(code.name)
+        return obj
     try:
         deprecated, builtin = fmt.op_codes(code.name)
     except KeyError:
