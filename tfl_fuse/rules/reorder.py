@@ -29,6 +29,8 @@ runs along one axis that R keeps whole, and float32. The op keeps its output ten
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ..graph import Graph
@@ -108,6 +110,11 @@ def layers_below(
     return out_axis is not None and layers_below(graph, mover.outputs[0], out_axis, move, depth + 1)
 
 
+def _base_name(name: str) -> str:
+    """A tensor name without the ``/before_...`` suffixes earlier moves gave it (and ``_n``)."""
+    return re.sub(r"(/before_[a-z0-9_]+)+$", "", name)
+
+
 def _single_move(affine: Affine) -> tuple[str, np.ndarray, str]:
     """The op as one MUL or one ADD with its fused activation, or Decline (SUB from a constant
     scales and shifts)."""
@@ -178,7 +185,7 @@ class MoveBeforeRearrangement(Rule):
         labels = self.labels(graph, [mover, op])
         out = op.outputs[0]
         moved = graph.add_tensor_like(
-            source, f"{graph.name(out)}/before_{mover.opcode.name.lower()}"
+            source, f"{_base_name(graph.name(out))}/before_{mover.opcode.name.lower()}"
         )
         constant = axis_constant(
             vector, source_axis if affine.axis is not None else None, len(graph.shape(source))
@@ -238,7 +245,7 @@ class MoveBeforeRearrangement(Rule):
         labels = self.labels(graph, [op, mover])
         result = mover.outputs[0]
         rearranged = graph.add_tensor_like(
-            result, f"{graph.name(result)}/before_{op.opcode.name.lower()}"
+            result, f"{_base_name(graph.name(result))}/before_{op.opcode.name.lower()}"
         )
         graph.replace_input(mover, 0, affine.data)
         graph.set_output(mover, 0, rearranged)
