@@ -75,22 +75,36 @@ def detect_format(data: bytes | bytearray | memoryview) -> Format:
     return fmt
 
 
+def _parse_failure(format_name: str, size: int, error: BaseException) -> str:
+    """Why the flatbuffer parser failed, in words (not the struct module's)."""
+    if isinstance(error, struct.error):
+        why = f"a table or vector points past the end of the file ({size} bytes)"
+    elif isinstance(error, RecursionError):
+        why = "its tables nest without end"
+    elif isinstance(error, MemoryError):
+        why = "a vector claims more elements than memory holds"
+    elif isinstance(error, UnicodeDecodeError):
+        why = "a string is not UTF-8"
+    else:
+        why = f"the {format_name} schema cannot read it ({type(error).__name__})"
+    return f"truncated or not a {format_name} flatbuffer: {why}"
+
+
 def decode(data: bytes | bytearray | memoryview) -> Model:
     """Decode model bytes (TFL3 or CIR0) into a neutral Model; ModelError on bad input."""
     fmt = detect_format(data)
     root_offset = struct.unpack_from("<I", data, 0)[0]
     if root_offset + 4 > len(data):
         raise ModelError(
-            f"corrupt or truncated {fmt.name} model: root offset {root_offset} is past the end ({len(data)} bytes)"
+            f"truncated or not a {fmt.name} flatbuffer: "
+            f"its root offset {root_offset} is past the end of the file ({len(data)} bytes)"
         )
     try:
         accessor = fmt.accessor_class("Model").GetRootAs(data, 0)
         obj = fmt.table_class("Model").InitFromObj(accessor)
         data_formats = _read_circle_data_formats(accessor) if fmt is formats.CIRCLE else []
     except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
-        raise ModelError(
-            f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})"
-        ) from None
+        raise ModelError(_parse_failure(fmt.name, len(data), error)) from None
     model = _model_from_objects(obj, fmt, data)
     _record_source_offsets(accessor, model)
     for subgraph, data_format in zip(model.subgraphs, data_formats):
@@ -581,6 +595,31 @@ def _packed(fmt: Format, buffer: Table, holes: list) -> _PackedBuffer:
     return _PackedBuffer(fmt, buffer.data, buffer._source_offset if unchanged else None, holes)
 
 
+def inconsistent_opcodes(model: Model) -> list[str]:
+    """What the writer will correct in the input's operator-code fields, one line per code.
+
+    Current writers set ``deprecated_builtin_code = min(code, 127)`` (127 is
+    PLACEHOLDER_FOR_GREATER_OP_CODES; circle's negative codes stay as they are) and
+    ``builtin_code = code``; readers take the larger of the two, as TFLite's GetBuiltinCode
+    does. A code stored otherwise (older writers left ``builtin_code`` at 0) is written back
+    in the current form: same operator, both fields set.
+    """
+    fmt = formats.get(model.format)
+    found = []
+    for code in model.opcodes:
+        source = code.source
+        if source is None:
+            continue
+        stored = (source.get("deprecatedBuiltinCode", 0), source.get("builtinCode", 0))
+        wanted = fmt.op_codes(code.name)
+        if stored != wanted:
+            found.append(
+                f"operator code {code.name}: deprecated_builtin_code/builtin_code "
+                f"{stored[0]}/{stored[1]} written as {wanted[0]}/{wanted[1]}"
+            )
+    return found
+
+
 def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
     fmt = encoder.fmt
     if (
@@ -588,7 +627,11 @@ def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
         and code.source_format == fmt.name
         and code.source.version == code.version
     ):
-        return encoder.table(code.source, f"operator code {code.name}")
+        obj = encoder.table(code.source, f"operator code {code.name}")
+        # Both code fields as current writers set them, whatever the input had (some older
+        # writers left builtin_code at 0, which readers of builtin_code alone take for ADD).
+        obj.deprecatedBuiltinCode, obj.builtinCode = fmt.op_codes(code.name)
+        return obj
     try:
         deprecated, builtin = fmt.op_codes(code.name)
     except KeyError:

@@ -10,6 +10,7 @@ from .constants import FoldConstants
 from .equalize import EqualizeCrossLayer
 from .forward import FoldIntoFollowingLayers
 from .identity import RemoveIdentity
+from .normalize import AddSignatureDef, DequantizeFloat16Weights
 from .preactivation import (
     MakeGammaPositive,
     MoveBareScaleForward,
@@ -21,6 +22,9 @@ from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
 
 ALL_RULES: list[Rule] = [
+    # storage normalizations first, so what they expose (float32 weights) folds like the rest
+    DequantizeFloat16Weights(),
+    AddSignatureDef(),
     FoldConstants(),
     RemoveIdentity(),
     MergeLinearChain(),
