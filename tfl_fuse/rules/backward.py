@@ -27,6 +27,9 @@ concat then outputs the op's tensor.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+
 import numpy as np
 
 from ..graph import Graph
@@ -75,7 +78,29 @@ def scaled_weights(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.ndar
         chunk = weights[part].astype(np.float64) * (factors[part] if axis == 0 else factors)
         require_finite(chunk)
         result[part] = chunk
+        _release_mapped_pages(weights[part])
     return result
+
+
+def _release_mapped_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the pages of the input file that ``array`` (read) maps.
+
+    The input is mapped read-only; pages read once stay counted in the process's memory
+    until released, so a layer of N GB would otherwise cost N GB more than its result.
+    """
+    source = array
+    while isinstance(source, np.ndarray) and source.base is not None:
+        source = source.base
+    mapped = source.obj if isinstance(source, memoryview) else source
+    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
+        return
+    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - base
+    page = mmap.PAGESIZE
+    first, end = -(-start // page) * page, (start + array.nbytes) // page * page
+    if end > first:
+        with contextlib.suppress(OSError, ValueError):
+            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def layer_bias(graph: Graph, layer: Table, channels: int) -> np.ndarray:
