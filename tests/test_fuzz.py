@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fuzz
 
-COUNT = 8000
+COUNT = 5000
 
 
 def test_seeded_fuzz_run_finds_no_crash(tmp_path):
