@@ -421,6 +421,10 @@ def _add_output_shape(m):
     _tensor(m, "ofm").shape = [1, 8, 8, 8, 40000]  # ADD's output, now of another shape
 
 
+def _add_output_shape_unknown(m):
+    _tensor(m, "ofm").shape = []
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -434,6 +438,7 @@ def _conv_bias_length(m):
     "change, expect",
     [
         (_add_output_shape, "output shape [1, 8, 8, 8, 40000] is not the operands' [1, 8, 8, 8]"),
+        (_add_output_shape_unknown, "output shape [] is not the operands' [1, 8, 8, 8]"),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
@@ -443,6 +448,7 @@ def _conv_bias_length(m):
     ],
     ids=[
         "elementwise-output-shape",
+        "elementwise-output-shape-unknown",
         "conv-output-channels",
         "conv-bias-length",
         "operand-count",
@@ -587,3 +593,31 @@ def test_constant_of_a_type_rules_cannot_read_is_left_alone():
 
     _, report = tfl_fuse.optimize(corrupt(data, change))
     assert "MEAN" in report["ops_after"]
+
+
+@pytest.mark.parametrize(
+    "kind, shapes, expect",
+    [
+        ("TRANSPOSE", ([1, 2, 3, 4], [4, 1], [4, 3, 2, 1]), "a permutation of shape [4, 1]"),
+        ("CONCATENATION", ([1, 2, 3, 4], [], [1, 2, 3, 8]), "inputs of ranks [4, 0]"),
+    ],
+    ids=["transpose-permutation-shape", "concatenation-ranks"],
+)
+def test_fuzz_reproducer_shapes(capsys, tmp_path, kind, shapes, expect):
+    """Two more fuzz classes: operand shapes LiteRT's kernels refuse (transpose, concat)."""
+    x, second, y = shapes
+    operands = [
+        {"name": "x", "shape": x},
+        {"name": "c", "shape": second, "type": "int32", "filler": {"kind": "constant"}},
+        {"name": "y", "shape": y},
+    ]
+    if kind == "CONCATENATION":
+        operands[1] = {"name": "c", "shape": second}
+    options = {"axis": 3} if kind == "CONCATENATION" else {}
+    data = _model(
+        operands,
+        [{"type": kind, "inputs": ["x", "c"], "outputs": ["y"], "options": options}],
+        ["x"] if kind == "TRANSPOSE" else ["x", "c"],
+        ["y"],
+    )
+    assert_refused(capsys, tmp_path, data, expect)

@@ -327,6 +327,17 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
         raise ModelError(f"{where} has an absent (-1) output")
     if op.opcode.name in LAYER_CHANNELS:
         _check_layer_channels(op, tensors, where)
+    if op.opcode.name == "CONCATENATION":
+        ranks = [len(tensors[t].get("shape") or ()) for t in [*op.inputs, op.outputs[0]]]
+        if len(set(ranks)) > 1:
+            raise ModelError(
+                f"{where}: inputs of ranks {ranks[:-1]} for an output of rank {ranks[-1]}"
+            )
+    if op.opcode.name == "TRANSPOSE":
+        perm_shape = list(tensors[op.inputs[1]].get("shape") or ())
+        rank = len(tensors[op.inputs[0]].get("shape") or ())
+        if len(perm_shape) != 1 or (rank and perm_shape[0] != rank):
+            raise ModelError(f"{where}: a permutation of shape {perm_shape} for rank {rank}")
     if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
@@ -336,7 +347,7 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
                 f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
             ) from None
         out_shape = tuple(tensors[op.outputs[0]].get("shape") or ())
-        if out_shape and all(shapes) and out_shape != shape:
+        if all(shapes) and out_shape != shape:
             raise ModelError(
                 f"{where}: output shape {list(out_shape)} is not the operands' {list(shape)}"
             )
