@@ -238,7 +238,8 @@ def activation_statistics(graph: Graph) -> dict[int, Stats]:
                     result = rectified(first, alpha)
             elif kind == "CONCATENATION" and all(t in stats for t in op.inputs):
                 rank = len(graph.shape(out))
-                if rank and op.builtinOptions.axis % rank == rank - 1:
+                options = op.get("builtinOptions") or Table("ConcatenationOptions")
+                if rank and options.get("axis", 0) % rank == rank - 1:
                     result = (
                         np.concatenate([stats[t][0] for t in op.inputs]),
                         np.concatenate([stats[t][1] for t in op.inputs]),
