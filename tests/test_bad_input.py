@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -425,6 +426,10 @@ def _add_output_shape_unknown(m):
     _tensor(m, "ofm").shape = []
 
 
+def _conv_input_channels(m):
+    _tensor(m, "ifm").shape = [1, 16, 16, 2**31 - 1]
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -439,6 +444,7 @@ def _conv_bias_length(m):
     [
         (_add_output_shape, "output shape [1, 8, 8, 8, 40000] is not the operands' [1, 8, 8, 8]"),
         (_add_output_shape_unknown, "output shape [] is not the operands' [1, 8, 8, 8]"),
+        (_conv_input_channels, "input shape [1, 16, 16, 2147483647] does not fit weights"),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
@@ -449,6 +455,7 @@ def _conv_bias_length(m):
     ids=[
         "elementwise-output-shape",
         "elementwise-output-shape-unknown",
+        "conv-input-channels",
         "conv-output-channels",
         "conv-bias-length",
         "operand-count",
@@ -600,15 +607,22 @@ def test_constant_of_a_type_rules_cannot_read_is_left_alone():
     [
         ("TRANSPOSE", ([1, 2, 3, 4], [4, 1], [4, 3, 2, 1]), "a permutation of shape [4, 1]"),
         ("CONCATENATION", ([1, 2, 3, 4], [], [1, 2, 3, 8]), "inputs of ranks [4, 0]"),
+        ("TRANSPOSE", ([1, 2, 3, 4], [4], [4, 3, 2, 1]), "is not [1, 2, 3, 4] permuted by"),
+        ("RESHAPE", ([1, 2, 3, 4], [2], [5, 5]), "[1, 2, 3, 4] cannot take the shape [5, 5]"),
     ],
-    ids=["transpose-permutation-shape", "concatenation-ranks"],
+    ids=["transpose-permutation-shape", "concatenation-ranks", "transpose-output", "reshape"],
 )
 def test_fuzz_reproducer_shapes(capsys, tmp_path, kind, shapes, expect):
     """Two more fuzz classes: operand shapes LiteRT's kernels refuse (transpose, concat)."""
     x, second, y = shapes
     operands = [
         {"name": "x", "shape": x},
-        {"name": "c", "shape": second, "type": "int32", "filler": {"kind": "constant"}},
+        {
+            "name": "c",
+            "shape": second,
+            "type": "int32",
+            "filler": {"kind": "explicit", "values": list(range(math.prod(second)))},
+        },
         {"name": "y", "shape": y},
     ]
     if kind == "CONCATENATION":
@@ -617,7 +631,52 @@ def test_fuzz_reproducer_shapes(capsys, tmp_path, kind, shapes, expect):
     data = _model(
         operands,
         [{"type": kind, "inputs": ["x", "c"], "outputs": ["y"], "options": options}],
-        ["x"] if kind == "TRANSPOSE" else ["x", "c"],
+        ["x", "c"] if kind == "CONCATENATION" else ["x"],
         ["y"],
     )
     assert_refused(capsys, tmp_path, data, expect)
+
+
+def test_sparse_constants_are_not_read_by_rules(good_model):
+    """A sparse bias (fuzz): its bytes are not dense values; no rule reads them, nothing fails."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    def change(m):
+        sparsity = schema.SparsityParametersT()
+        sparsity.traversalOrder = [0]
+        _tensor(m, "bias").sparsity = sparsity
+
+    _, report = tfl_fuse.optimize(corrupt(good_model, change))
+    assert report["ops_after"] == {"ADD": 1, "CONV_2D": 1, "MUL": 1}
+    assert "not folded into CONV_2D: the bias 'bias' is sparse" in [
+        d["reason"] for d in report["declined"]
+    ]
+    tfl_fuse.optimize(corrupt(good_model, change), target="int8")  # reads the bias' statistics
+
+
+def test_empty_scale_array_on_a_float_tensor():
+    """A float16 constant whose DEQUANTIZE output has an empty scale array (fuzz)."""
+
+    def change(m):
+        from ai_edge_litert import schema_py_generated as schema
+
+        q = schema.QuantizationParametersT()
+        q.scale, q.zeroPoint = [], []
+        _tensor(m, "w").quantization = q
+
+    data = _model(
+        [
+            {"name": "x", "shape": [1, 4]},
+            {"name": "w16", "shape": [1, 4], "type": "float16", "filler": {"kind": "gaussian"}},
+            {"name": "w", "shape": [1, 4]},
+            {"name": "y", "shape": [1, 4]},
+        ],
+        [
+            {"type": "DEQUANTIZE", "inputs": ["w16"], "outputs": ["w"]},
+            {"type": "ADD", "inputs": ["x", "w"], "outputs": ["y"]},
+        ],
+        ["x"],
+        ["y"],
+    )
+    for target in ("float", "int8"):
+        tfl_fuse.optimize(corrupt(data, change), target=target)

@@ -126,13 +126,13 @@ class Graph:
 
         LiteRT lets the caller overwrite a graph input that has data, and a variable tensor is
         state that ops write, so neither is a constant to fold, however much data it carries.
-        Neither is data of a type without a numpy equivalent (STRING, INT4, ...).
+        Neither is data of a type without a numpy equivalent (STRING, INT4, ...) or sparse data.
         """
         if tensor < 0 or tensor in self.inputs:
             return False
         t = self.tensors[tensor]
-        if t.type not in NUMPY_DTYPES:
-            return False  # strings, packed int4, resources: data rules never read
+        if t.type not in NUMPY_DTYPES or t.get("sparsity") is not None:
+            return False  # strings, packed int4, sparse data: bytes rules never read
         if t.get("isVariable") or tensor in self.producer and self.producer_of(tensor) is not None:
             return False
         data = self.model.buffers[t.buffer].data

@@ -179,7 +179,7 @@ def validate(model: Model) -> None:
                 _check_index(
                     i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True
                 )
-            _check_arity(op, subgraph.tensors, op_where)
+            _check_arity(op, subgraph.tensors, model.buffers, op_where)
             _check_options(op, expected_options.get(op.opcode.name), op_where, fmt)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
                 for name, value in _subgraph_references(options):
@@ -312,7 +312,7 @@ def _needs_table(fmt: formats.Format, table: str) -> bool:
     return any(defaults.get(name, 1) < 1 for name in POSITIVE_FIELDS)
 
 
-def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
+def _check_arity(op: Table, tensors: list[Table], buffers: list[Table], where: str) -> None:
     arity = ARITY.get(op.opcode.name)
     if arity is None:
         return
@@ -334,10 +334,12 @@ def _check_arity(op: Table, tensors: list[Table], where: str) -> None:
                 f"{where}: inputs of ranks {ranks[:-1]} for an output of rank {ranks[-1]}"
             )
     if op.opcode.name == "TRANSPOSE":
-        perm_shape = list(tensors[op.inputs[1]].get("shape") or ())
-        rank = len(tensors[op.inputs[0]].get("shape") or ())
-        if len(perm_shape) != 1 or (rank and perm_shape[0] != rank):
-            raise ModelError(f"{where}: a permutation of shape {perm_shape} for rank {rank}")
+        _check_transpose(op, tensors, buffers, where)
+    if op.opcode.name in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
+        in_shape = list(tensors[op.inputs[0]].get("shape") or ())
+        out_shape = list(tensors[op.outputs[0]].get("shape") or ())
+        if in_shape and out_shape and math.prod(in_shape) != math.prod(out_shape):
+            raise ModelError(f"{where}: {in_shape} cannot take the shape {out_shape}")
     if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
@@ -368,7 +370,43 @@ def _check_layer_channels(op: Table, tensors: list[Table], where: str) -> None:
             f"{where}: output shape {out_shape} has {out_shape[-1]} channels, "
             f"weights of shape {weight_shape} have {channels}"
         )
+    data_input = 2 if op.opcode.name == "TRANSPOSE_CONV" else 0
+    in_shape = list(tensors[op.inputs[data_input]].get("shape") or [])
+    if in_shape and not _input_channels_fit(op.opcode.name, in_shape, weight_shape):
+        raise ModelError(f"{where}: input shape {in_shape} does not fit weights {weight_shape}")
     if len(op.inputs) > bias_input and op.inputs[bias_input] >= 0:
         bias_shape = list(tensors[op.inputs[bias_input]].get("shape") or [])
         if bias_shape and math.prod(bias_shape) != channels:
             raise ModelError(f"{where}: bias of shape {bias_shape} for {channels} channels")
+
+
+def _check_transpose(op: Table, tensors: list[Table], buffers: list[Table], where: str) -> None:
+    """The permutation is 1-D, of the input's rank, and (when constant) gives the output shape."""
+    perm = tensors[op.inputs[1]]
+    perm_shape = list(perm.get("shape") or ())
+    in_shape = list(tensors[op.inputs[0]].get("shape") or ())
+    rank = len(in_shape)
+    if len(perm_shape) != 1 or (rank and perm_shape[0] != rank):
+        raise ModelError(f"{where}: a permutation of shape {perm_shape} for rank {rank}")
+    data = buffers[perm.buffer].data
+    if not rank or data is None or not len(data) or perm.type not in ("INT32", "INT64"):
+        return
+    values = np.frombuffer(data, "<i4" if perm.type == "INT32" else "<i8").tolist()
+    if sorted(values) != list(range(rank)):
+        raise ModelError(f"{where}: {values} is no permutation of {rank} axes")
+    out_shape = list(tensors[op.outputs[0]].get("shape") or ())
+    if out_shape != [in_shape[axis] for axis in values]:
+        raise ModelError(
+            f"{where}: output shape {out_shape} is not {in_shape} permuted by {values}"
+        )
+
+
+def _input_channels_fit(kind: str, in_shape: list[int], weight_shape: list[int]) -> bool:
+    """The input's channels are what the weights take (a whole number of groups for convs)."""
+    if kind == "FULLY_CONNECTED":
+        return weight_shape[1] > 0 and math.prod(in_shape) % weight_shape[1] == 0
+    if kind == "DEPTHWISE_CONV_2D":
+        return in_shape[-1] > 0 and weight_shape[3] % in_shape[-1] == 0
+    if kind == "TRANSPOSE_CONV":
+        return in_shape[-1] == weight_shape[3]
+    return weight_shape[3] > 0 and in_shape[-1] % weight_shape[3] == 0  # CONV_2D, CONV_3D

@@ -48,7 +48,8 @@ def is_float16_constant(graph: Graph, tensor: int) -> bool:
 
 def is_float_dequantize_output(graph: Graph, tensor: int) -> bool:
     quantization = graph.tensors[tensor].get("quantization")
-    quantized = quantization is not None and len(quantization.get("scale") or []) > 0
+    scale = quantization.get("scale") if quantization is not None else None
+    quantized = scale is not None and len(scale) > 0
     return graph.dtype(tensor) == "FLOAT32" and not quantized
 
 

@@ -129,13 +129,13 @@ def is_float_constant(graph: Graph, tensor: int) -> bool:
 
 
 def require_float_constant(graph: Graph, tensor: int, what: str) -> np.ndarray:
+    if graph.tensors[tensor].get("sparsity") is not None:
+        raise Decline(f"the {what} {graph.name(tensor)!r} is sparse")
     if not graph.is_constant(tensor):
         producer = graph.producer_of(tensor)
         how = f"computed by {producer.opcode.name}" if producer is not None else "not a constant"
         raise Decline(f"the {what} {graph.name(tensor)!r} is {how}")
     require_float32(graph, tensor, what)
-    if graph.tensors[tensor].get("sparsity") is not None:
-        raise Decline(f"the {what} {graph.name(tensor)!r} is sparse")
     return graph.constant(tensor)
 
 
