@@ -680,3 +680,28 @@ def test_empty_scale_array_on_a_float_tensor():
     )
     for target in ("float", "int8"):
         tfl_fuse.optimize(corrupt(data, change), target=target)
+
+
+def test_standalone_depthwise_refuses_an_overflowing_scale():
+    """x / 1e-45 is x * 7e44, beyond float32: no DEPTHWISE_CONV_2D with an infinite weight (fuzz)."""
+    data = _model(
+        [
+            {"name": "x", "shape": [1, 2, 2, 2]},
+            {"name": "d", "shape": [2], "filler": {"kind": "explicit", "values": [1e-45, 2.0]}},
+            {"name": "q", "shape": [1, 2, 2, 2]},
+            {"name": "t", "shape": [2], "filler": {"kind": "explicit", "values": [1.0, 2.0]}},
+            {"name": "y", "shape": [1, 2, 2, 2]},
+        ],
+        [
+            {"type": "DIV", "inputs": ["x", "d"], "outputs": ["q"]},
+            {"type": "SUB", "inputs": ["q", "t"], "outputs": ["y"]},
+        ],
+        ["x"],
+        ["y"],
+    )
+    for target in ("float", "int8"):
+        _, report = tfl_fuse.optimize(
+            data, rules_to_run=["standalone_bn_to_depthwise"], target=target
+        )
+        assert "DEPTHWISE_CONV_2D" not in report["ops_after"], report
+        assert any("overflow float32" in d["reason"] for d in report["declined"]), report

@@ -34,7 +34,13 @@ from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule
 from .forward import is_uniform
-from .predicates import ACTIVATIONS, affine_of, fused_activation, has_one_consumer
+from .predicates import (
+    ACTIVATIONS,
+    affine_of,
+    fused_activation,
+    has_one_consumer,
+    require_finite,
+)
 
 DEPTHWISE_ACTIVATIONS = ("NONE", "RELU", "RELU6", "RELU_N1_TO_1")
 
@@ -112,6 +118,7 @@ class StandaloneBnToDepthwise(Rule):
                 shift = affine_of(graph, add).shift if mul is not None and add else affine.shift
                 if len(graph.shape(affine.data)) != 4:
                     raise Decline("the input is not a rank-4 NHWC tensor")
+                require_finite(scale, shift)  # 1 / a tiny divisor overflows float32
                 if int8:
                     require_representable_bias(scale, shift)
                 reason = ctx.excluded(graph, *(o for o in (mul, add) if o is not None))
