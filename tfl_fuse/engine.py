@@ -10,6 +10,7 @@ from .graph import Graph
 from .model import Model, ModelError
 from .rules import Context, Rule
 from .rules.base import StopRewriting, op_label, record_decline
+from .rules.quantized import explain_quantized
 
 MAX_PASSES = 100
 CHANNELS_FIRST = 1
@@ -111,6 +112,7 @@ def run(
                 break
         if not stopped:
             explain_float16(graph, ctx)
+            explain_quantized(graph, ctx)
         graph.sweep()
         if stopped:
             break

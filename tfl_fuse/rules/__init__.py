@@ -17,6 +17,7 @@ from .preactivation import (
     MoveScaleForward,
     PushShiftBackward,
 )
+from .quantized import FoldIntoQuantizedLayer, QuantizedBnToDepthwise
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
@@ -30,6 +31,8 @@ ALL_RULES: list[Rule] = [
     MergeLinearChain(),
     MoveBeforeRearrangement(),
     FoldIntoPrecedingLayer(),
+    FoldIntoQuantizedLayer(),
+    QuantizedBnToDepthwise(),
     FoldIntoFollowingLayers(),
     MakeGammaPositive(),
     MoveScaleForward(),
