@@ -50,6 +50,23 @@ def test_quantized_preactivation_net_loses_every_mul_and_no_accuracy(variant):
     assert delegate_partitions(out) <= delegate_partitions(data)
 
 
+@pytest.mark.slow
+def test_float16_weight_net_folds_into_float16_weights():
+    """Folded weights are rounded to float16 once more (float16.py): that rounding is as large
+    as the model's own, so the error against float grows by about sqrt(2), not more."""
+    reference = quantmodels.path("float").read_bytes()
+    data = quantmodels.path("float16").read_bytes()
+    out, report = tfl_fuse.optimize(data)
+    assert report["ops_before"]["MUL"] == 3 and report["ops_after"].get("MUL", 0) == 0
+    assert report["ops_after"]["DEQUANTIZE"] >= 5  # every layer's weights stay float16
+    assert len(out) < len(data)
+    before = quantmodels.rms_error(data, reference)
+    after = quantmodels.rms_error(out, reference)
+    print(f"float16: RMS error vs float {before:.2e} -> {after:.2e}, ratio {after / before:.3f}")
+    assert after / before <= 1.5
+    assert delegate_partitions(out) <= delegate_partitions(data)
+
+
 def test_every_quantized_constant_op_left_is_explained():
     data, _ = chef.cook("recipes/Net_Quant_Conv_PerTensor_Mul_000")
     out, report = tfl_fuse.optimize(data)

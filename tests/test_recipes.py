@@ -58,5 +58,6 @@ def test_recipe(recipe_dir, build_dir):
         rtol=expect.get("rtol", 1e-5),
         quanta=expect.get("quanta", 0),
         quanta_share=expect.get("quanta_share", 0.0),
+        atol_scale=expect.get("atol_scale", 1e-5),
     )
     assert ok, "\n".join(lines)

@@ -54,6 +54,7 @@ def compare_tensors(
     atol: float | None,
     quanta: int = 0,
     quanta_share: float = 0.0,
+    atol_scale: float = ATOL_SCALE,
 ) -> tuple[bool, str]:
     """Float: rtol/atol. Integer: exactly, or (``quanta`` > 0, for quantized models that a fold
     changed by a rounding) at most ``quanta`` apart with at most ``quanta_share`` of the values
@@ -79,7 +80,7 @@ def compare_tensors(
         if np.any(np.isfinite(expected))
         else 0.0
     )
-    tolerance = atol if atol is not None else max(ATOL_SCALE * scale, 1e-6)
+    tolerance = atol if atol is not None else max(atol_scale * scale, 1e-6)
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     with np.errstate(invalid="ignore"):
         diff = np.abs(e - a)
@@ -101,6 +102,7 @@ def compare_files(
     atol: float | None = None,
     quanta: int | dict[str, int] = 0,
     quanta_share: float = 0.0,
+    atol_scale: float = ATOL_SCALE,
 ) -> tuple[bool, list[str]]:
     """Compare two dumps tensor by tensor; ``quanta`` may name a tolerance per tensor."""
     names_a, values_a = read_dump(path_a)
@@ -110,7 +112,7 @@ def compare_files(
     ok, lines = True, []
     for name, a, b in zip(names_a, values_a, values_b, strict=True):
         allowed = quanta.get(name, 0) if isinstance(quanta, dict) else quanta
-        same, text = compare_tensors(a, b, rtol, atol, allowed, quanta_share)
+        same, text = compare_tensors(a, b, rtol, atol, allowed, quanta_share, atol_scale)
         ok = ok and same
         lines.append(f"{'ok  ' if same else 'DIFF'} {name}: {text}")
     return ok, lines

@@ -33,6 +33,7 @@ def run_value_test(
     seed: int = 0,
     quanta: int | dict[str, int] = 0,
     quanta_share: float = 0.0,
+    atol_scale: float = h5compare.ATOL_SCALE,
 ) -> tuple[bool, list[str]]:
     """``quanta``: integer outputs may differ by that many quanta (a dict: per output name)."""
     out_dir = Path(out_dir)
@@ -57,6 +58,7 @@ def run_value_test(
             rtol,
             quanta=quanta,
             quanta_share=quanta_share,
+            atol_scale=atol_scale,
         )
         ok = ok and same
         report.extend(f"[{kind}] {line}" for line in lines)
