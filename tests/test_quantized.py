@@ -51,6 +51,21 @@ def test_quantized_preactivation_net_loses_every_mul_and_no_accuracy(variant):
 
 
 @pytest.mark.slow
+def test_dynamic_range_net_loses_every_mul_exactly():
+    reference = quantmodels.path("float").read_bytes()
+    data = quantmodels.path("dynamic").read_bytes()
+    out, report = tfl_fuse.optimize(data)
+    assert report["ops_before"]["MUL"] == 3 and report["ops_after"].get("MUL", 0) == 0
+    fired = {r["rule"] for r in report["rewrites"]}
+    assert "dynamic_range_bn_to_depthwise" in fired  # the BNs before int8-weight convs
+    before = quantmodels.rms_error(data, reference)
+    after = quantmodels.rms_error(out, reference)
+    print(f"dynamic: RMS error vs float {before:.5f} -> {after:.5f}, ratio {after / before:.6f}")
+    assert after / before <= 1.0 + 1e-4  # exact in float: float32 rounding only
+    assert delegate_partitions(out) <= delegate_partitions(data)
+
+
+@pytest.mark.slow
 def test_float16_weight_net_folds_into_float16_weights():
     """Folded weights are rounded to float16 once more (float16.py): that rounding is as large
     as the model's own, so the error against float grows by about sqrt(2), not more."""
@@ -145,4 +160,5 @@ def test_list_rules_tags_the_quantized_rules():
     lines = {line.split()[0]: line for line in list_rules().splitlines()}
     assert "[quantized tensors]" in lines["fold_into_quantized_layer"]
     assert "[quantized tensors]" in lines["quantized_bn_to_depthwise"]
+    assert "[quantized tensors]" in lines["dynamic_range_bn_to_depthwise"]
     assert "[quantized tensors]" not in lines["fold_into_preceding_layer"]

@@ -17,7 +17,11 @@ from .preactivation import (
     MoveScaleForward,
     PushShiftBackward,
 )
-from .quantized import FoldIntoQuantizedLayer, QuantizedBnToDepthwise
+from .quantized import (
+    DynamicRangeBnToDepthwise,
+    FoldIntoQuantizedLayer,
+    QuantizedBnToDepthwise,
+)
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
@@ -41,6 +45,7 @@ ALL_RULES: list[Rule] = [
     FuseActivation(),
     MoveStrideUp(),
     StandaloneBnToDepthwise(),
+    DynamicRangeBnToDepthwise(),
     EqualizeCrossLayer(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}

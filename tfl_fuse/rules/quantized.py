@@ -40,6 +40,14 @@ the ADD/SUB as its only consumer, per-channel constants, a bias that fits and a 
 multiplier that LiteRT can represent. uint8 models are declined (LiteRT runs per-channel
 weights for int8 and int16 only).
 
+``dynamic_range_bn_to_depthwise``: in a dynamic-range model (float activations, int8 weights),
+a float BN pair ``MUL s -> ADD t`` whose output feeds a layer with int8 weights cannot move its
+scale forward (that would requantize the int8 weights along their input channels), so it
+becomes one float DEPTHWISE_CONV_2D 1x1 with weights s and bias t (exact in float, as
+``standalone_bn_to_depthwise``). Conditions: float32 rank-4 tensors, the MUL without activation
+and with the ADD/SUB as its only consumer, per-channel constants, and at least one consumer
+holding int8 weights.
+
 Every quantized MUL / ADD / SUB / DIV by a constant that stays is named in the report with the
 reason (:func:`explain_quantized`).
 """
@@ -54,10 +62,12 @@ from .. import quant
 from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule, op_label, record_decline
+from .standalone import become_depthwise, following_shift
 from .predicates import (
     ACTIVATIONS,
     LAYERS,
     LINEAR_OPS,
+    affine_of,
     fused_activation,
     require_single_consumer,
     set_fused_activation,
@@ -500,6 +510,58 @@ def bn_pair_to_depthwise(graph: Graph, mul: Table, add: Table) -> None:
     graph.replace_input(add, 1, weight_tensor)
     graph.append_input(add, bias_tensor)
     graph.remove_op(mul)
+
+
+class DynamicRangeBnToDepthwise(Rule):
+    name = "dynamic_range_bn_to_depthwise"
+    summary = (
+        "dynamic range: a float MUL s -> ADD t pair feeding int8-weight layers (which a forward "
+        "fold would requantize) becomes one float DEPTHWISE_CONV_2D 1x1"
+    )
+    quantized = True
+
+    def apply(self, graph: Graph, ctx: Context) -> int:
+        count = 0
+        for mul in graph.live_ops("MUL"):
+            if graph.dtype(mul.outputs[0]) != "FLOAT32":
+                continue
+            add = following_shift(graph, mul, ACTIVATIONS_A_LAYER_RUNS)
+            if add is None or not feeds_int8_weight_layer(graph, add.outputs[0]):
+                continue
+            try:
+                scaling = affine_of(graph, mul)
+                shift = affine_of(graph, add).shift
+                if len(graph.shape(scaling.data)) != 4:
+                    raise Decline("the input is not a rank-4 NHWC tensor")
+                reason = ctx.excluded(graph, mul, add)
+                if reason:
+                    raise Decline(reason)
+            except Decline as decline:
+                self.declined(graph, ctx, mul, f"not turned into DEPTHWISE_CONV_2D: {decline}")
+                continue
+            labels = self.labels(graph, [mul, add])
+            become_depthwise(graph, add, scaling.data, scaling.scale, shift)
+            graph.remove_op(mul)
+            self.rewrote(
+                graph,
+                ctx,
+                labels,
+                "MUL and ADD became one float DEPTHWISE_CONV_2D 1x1 (the next layers hold int8 "
+                "weights, which a forward fold would requantize)",
+            )
+            count += 1
+        return count
+
+
+def feeds_int8_weight_layer(graph: Graph, tensor: int) -> bool:
+    for user in graph.consumers_of(tensor):
+        layout = LAYERS.get(user.opcode.name)
+        if layout is None or len(user.inputs) <= layout.weight_input:
+            continue
+        weights = user.inputs[layout.weight_input]
+        if weights >= 0 and graph.dtype(weights) in ("INT8", "INT4", "UINT8"):
+            return True
+    return False
 
 
 # what stays ------------------------------------------------------------------------------------
