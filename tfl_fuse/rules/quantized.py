@@ -62,7 +62,6 @@ from .. import quant
 from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule, op_label, record_decline
-from .standalone import become_depthwise, following_shift
 from .predicates import (
     ACTIVATIONS,
     LAYERS,
@@ -72,6 +71,7 @@ from .predicates import (
     require_single_consumer,
     set_fused_activation,
 )
+from .standalone import become_depthwise, following_shift
 
 QUANTIZED_LAYERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 ACTIVATIONS_A_LAYER_RUNS = ("NONE", "RELU", "RELU6", "RELU_N1_TO_1")
