@@ -162,3 +162,22 @@ def test_list_rules_tags_the_quantized_rules():
     assert "[quantized tensors]" in lines["quantized_bn_to_depthwise"]
     assert "[quantized tensors]" in lines["dynamic_range_bn_to_depthwise"]
     assert "[quantized tensors]" not in lines["fold_into_preceding_layer"]
+
+
+def test_verify_compares_quantized_outputs_in_quanta():
+    data, _ = chef.cook("recipes/Net_Quant_Conv_Mul_NegZero_000")
+    out, report = tfl_fuse.optimize(data, verify=True)
+    quanta = report["verify"]["quanta"]["ofm"]
+    assert quanta["max"] == 1  # one rounding fewer: values move by one quantum at most
+    assert 0 < quanta["mean"] < 0.5 and quanta["share_over_1"] == 0
+    assert "quanta apart" in report["verify"]["summary"]
+
+
+def test_verify_still_catches_a_wrong_quantized_model():
+    data, _ = chef.cook("recipes/Net_Quant_Conv_Mul_000")
+    other = fb.decode(data)
+    graph = Graph(other, 0)
+    scale = graph.tensors[graph.ops_of_type("MUL")[0].inputs[1]]
+    scale.quantization.scale = scale.quantization.scale * 1.5  # a different model
+    result = verify.compare_models(data, bytes(fb.encode(other)))
+    assert not result["match"]
