@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench bench-quant bench-cle mediapipe-models lint recipes install install-test clean
+.PHONY: demo test test-converters bench bench-quant bench-cle mediapipe-models lint recipes install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ demo: $(VENV)/.installed
 ## make test: the whole suite (recipes, unit tests, Keras models converted with tensorflow-cpu)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+## make test-converters: small PyTorch nets converted by litert-torch (not part of make test);
+## installs torch 2.13.0 (the CPU wheel) and litert-torch into .venv, caches models in build/cache
+$(VENV)/.installed-converters: setup.cfg pyproject.toml $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test,converters]'
+	touch $@
+
+test-converters: $(VENV)/.installed-converters
+	TFL_FUSE_CONVERTERS=1 $(BIN)/python -m pytest -q tests/test_converters.py
 
 ## make bench: tool cost, inference latency and fold coverage on Keras models, then quantization
 bench: $(VENV)/.installed-test

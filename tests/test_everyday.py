@@ -262,7 +262,7 @@ def test_labels_name_ops_by_their_original_output(demo_bytes, capsys, tmp_path):
     _, report = tfl_fuse.optimize(src.read_bytes())
     assert report["declined"]
     for entry in report["declined"]:
-        assert set(entry) == {"rule", "subgraph", "ops", "reason"}
+        assert set(entry) == {"rule", "subgraph", "ops", "reason", "outputs"}
         assert all(":" in label for label in entry["ops"])
     code, _, err = run(capsys, src, tmp_path / "o.tflite", "-v")
     declined = [line for line in err.splitlines() if line.startswith("  declined ")]

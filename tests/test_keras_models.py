@@ -9,6 +9,7 @@ from __future__ import annotations
 import kerasmodels
 import numpy as np
 import pytest
+from leftovers import unexplained_leftovers
 
 import tfl_fuse
 from tfl_fuse import fb, rules, verify
@@ -21,6 +22,7 @@ RTOL = 1e-4
 def optimize(path):
     data = path.read_bytes()
     out, report = tfl_fuse.optimize(data)
+    assert unexplained_leftovers(bytes(out), report) == [], report["declined"]
     return data, bytes(out), report
 
 
@@ -71,6 +73,21 @@ def test_densenet121_folds_every_mul_and_explains_every_add():
     n_residual, constant_adds = residual_adds(out)
     assert n_residual == 0 and len(constant_adds) == report["ops_after"].get("ADD", 0)
     assert explained(report, constant_adds) == []
+    assert_outputs_match(data, out)
+
+
+def test_nasnet_mobile_folds_the_bn_after_each_concat_into_its_convs():
+    """NASNetMobile: two 1x1 convs -> CONCATENATION -> MUL -> ADD, four times; both ops go by
+    slice into the convs (before this, three of the four BNs stayed)."""
+    path = kerasmodels.application(
+        "NASNetMobile", input_shape=(96, 96, 3), classifier_activation=None
+    )
+    data, out, report = optimize(path)
+    assert report["ops_before"]["MUL"] == 4
+    assert report["ops_after"].get("MUL", 0) == 0
+    _, constant_adds = residual_adds(out)
+    assert constant_adds == []
+    assert sum(r["rule"] == "fold_into_preceding_layer" for r in report["rewrites"]) == 8
     assert_outputs_match(data, out)
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 from . import float16
 from .graph import Graph
-from .model import Model, ModelError
-from .rules import Context, Rule
+from .model import Model, ModelError, Table
+from .rules import Context, Decline, Rule
 from .rules.base import StopRewriting, op_label, record_decline
+from .rules.predicates import LINEAR_OPS, affine_of
 from .rules.quantized import explain_quantized
 
 MAX_PASSES = 100
@@ -56,8 +57,55 @@ def explain_float16(graph: Graph, ctx: Context) -> None:
                     f"its constant {graph.name(producer.inputs[0])!r} is float16 (DEQUANTIZE); "
                     "float16 constants are not folded (a float16 result would be rounded, a float32 one would undo the model's float16 compression)"
                 )
-                record_decline(ctx, "*", graph.index, [op_label(graph, op)], reason)
+                record_decline(ctx, "*", graph.index, [op_label(graph, op)], reason, graph, op)
                 break
+
+
+def _leftover_reason(graph: Graph, op: Table) -> str:
+    """Why a MUL/ADD/SUB/DIV by a constant that no rule took or declined is still there."""
+    try:
+        affine = affine_of(graph, op, any_axis=True)
+    except Decline as decline:
+        return f"left as it is: {decline}"
+    shape = graph.shape(affine.data)
+    if affine.axis is not None and affine.axis % len(shape) != len(shape) - 1:
+        return (
+            f"left as it is: its constant runs along axis {affine.axis} of {shape}, and no op "
+            "between it and a layer carries that axis to the layer's channel axis"
+        )
+    producer = graph.producer_of(affine.data)
+    source = (
+        f"{producer.opcode.name} {graph.name(affine.data)!r}"
+        if producer is not None
+        else f"graph input {graph.name(affine.data)!r}"
+    )
+    out = op.outputs[0]
+    users = sorted({c.opcode.name for c in graph.consumers_of(out)})
+    targets = ", ".join(users) if users else "nothing"
+    if graph.is_graph_output(out):
+        targets += " and is a graph output"
+    return (
+        f"left as it is: no layer to fold into: its input is {source}, its output goes to {targets}"
+    )
+
+
+def explain_leftovers(graph: Graph, ctx: Context) -> None:
+    """Give every MUL/ADD/SUB/DIV by a constant still in the graph a decline that names it.
+
+    Rules decline what matched their pattern; an op no pattern reached (no layer nearby, a
+    constant along another axis, quantized) is explained here, so nothing stays silently.
+    """
+    said = {
+        label for d in ctx.declines.values() if d["subgraph"] == graph.index for label in d["ops"]
+    }
+    reasons = " ".join(d["reason"] for d in ctx.declines.values())
+    for op in graph.live_ops(*LINEAR_OPS):
+        if len(op.outputs) != 1 or not any(graph.is_constant(t) for t in op.inputs if t >= 0):
+            continue
+        label = op_label(graph, op)
+        if label in said or repr(graph.name(op.outputs[0])) in reasons:
+            continue  # a rule already said why
+        record_decline(ctx, "*", graph.index, [label], _leftover_reason(graph, op), graph, op)
 
 
 def run(
@@ -126,6 +174,7 @@ def run(
             if lifted is None:
                 explain_float16(graph, ctx)
             explain_quantized(graph, ctx)
+            explain_leftovers(graph, ctx)
         graph.sweep()
         if stopped:
             break

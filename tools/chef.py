@@ -52,6 +52,11 @@ OPTIONS_TABLE = {
     "SPLIT": "SplitOptions",
     "SQUEEZE": "SqueezeOptions",
     "TRANSPOSE": "TransposeOptions",
+    "STRIDED_SLICE": "StridedSliceOptions",
+    "SLICE": "SliceOptions",
+    "GATHER": "GatherOptions",
+    "EXPAND_DIMS": "ExpandDimsOptions",
+    "MIRROR_PAD": "MirrorPadOptions",
     "MAXIMUM": "MaximumMinimumOptions",
     "MINIMUM": "MaximumMinimumOptions",
 }
@@ -75,6 +80,15 @@ OPTION_DEFAULTS = {
     },
     "Pool2DOptions": {"strideW": 1, "strideH": 1, "filterWidth": 1, "filterHeight": 1},
     "ReducerOptions": {"keepDims": True},
+    "StridedSliceOptions": {
+        "beginMask": 0,
+        "endMask": 0,
+        "ellipsisMask": 0,
+        "newAxisMask": 0,
+        "shrinkAxisMask": 0,
+        "offset": False,
+    },
+    "GatherOptions": {"axis": 0, "batchDims": 0},
 }
 # Op versions that LiteRT accepts for what the chef writes.
 OP_VERSIONS = {"TRANSPOSE_CONV": 3, "DEPTHWISE_CONV_2D": 2}
@@ -103,7 +117,7 @@ RECIPE_KEYS = {
         "kind", "seed", "mean", "stddev", "low", "high", "value", "values", "axis_scale",
     },
     "operand.quant": {"scale", "zero_point", "quantized_dimension"},
-    "operation": {"type", "inputs", "outputs", "options", "version"},
+    "operation": {"type", "inputs", "outputs", "options", "version", "custom_code"},
 }  # fmt: skip
 
 
@@ -287,9 +301,12 @@ def build_model(recipe: dict[str, Any]) -> Model:
         if kind not in _builtin_names(fmt):
             raise RecipeError(f"{where}.type: unknown operator {operation.get('type')!r}")
         version = int(operation.get("version", OP_VERSIONS.get(kind, 1)))
+        custom_code = operation.get("custom_code")
+        if (kind == "CUSTOM") != (custom_code is not None):
+            raise RecipeError(f"{where}.custom_code: a CUSTOM operation, and only one, needs one")
         op = Table(
             "Operator",
-            opcode=model.opcode(kind, version),
+            opcode=model.opcode(kind, version, custom_code),
             inputs=[lookup(n, f"{where}.inputs") for n in operation.get("inputs", [])],
             outputs=[lookup(n, f"{where}.outputs") for n in operation.get("outputs", [])],
         )

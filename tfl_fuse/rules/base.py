@@ -114,14 +114,24 @@ class Rule:
             raise StopRewriting
 
     def declined(self, graph: Graph, ctx: Context, op: Table, reason: str) -> None:
-        record_decline(ctx, self.name, graph.index, [op_label(graph, op)], reason)
+        record_decline(ctx, self.name, graph.index, [op_label(graph, op)], reason, graph, op)
 
 
-def record_decline(ctx: Context, rule: str, subgraph: int, labels: list[str], reason: str) -> None:
-    """A refusal, in the same shape as a rewrite: rule, subgraph, ops, and a reason."""
-    ctx.declines[(rule, subgraph, tuple(labels), reason)] = {
-        "rule": rule,
-        "subgraph": subgraph,
-        "ops": labels,
-        "reason": reason,
-    }
+def record_decline(
+    ctx: Context,
+    rule: str,
+    subgraph: int,
+    labels: list[str],
+    reason: str,
+    graph: Graph | None = None,
+    op: Table | None = None,
+) -> None:
+    """A refusal, in the same shape as a rewrite: rule, subgraph, ops, and a reason.
+
+    With ``op``, also ``outputs``: its output tensors' names as the written model has them (an
+    op a rule moved has a new output tensor; ``ops`` keeps the input model's name).
+    """
+    entry = {"rule": rule, "subgraph": subgraph, "ops": labels, "reason": reason}
+    if graph is not None and op is not None:
+        entry["outputs"] = [graph.name(t) for t in op.outputs]
+    ctx.declines[(rule, subgraph, tuple(labels), reason)] = entry

@@ -613,4 +613,6 @@ def explain_quantized(graph: Graph, ctx: Context) -> None:
             graph.index,
             [label],
             f"quantized {kind} by a constant stays: {why}",
+            graph,
+            op,
         )
