@@ -181,3 +181,11 @@ def test_verify_still_catches_a_wrong_quantized_model():
     scale.quantization.scale = scale.quantization.scale * 1.5  # a different model
     result = verify.compare_models(data, bytes(fb.encode(other)))
     assert not result["match"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["int8", "aeq_int8", "dynamic", "float16"])
+def test_a_second_run_changes_nothing(variant):
+    once, _ = tfl_fuse.optimize(quantmodels.path(variant).read_bytes())
+    twice, report = tfl_fuse.optimize(once)
+    assert report["rewrites"] == [] and twice == once
