@@ -55,7 +55,7 @@ def _is_float16_dequantize(graph: Graph, op: Table) -> bool:
     q = graph.tensors[out].get("quantization")
     return (
         graph.dtype(out) == "FLOAT32"
-        and (q is None or len(q.get("scale") or []) == 0)
+        and (q is None or q.get("scale") is None or len(q.scale) == 0)
         and graph.tensors[source].get("sparsity") is None
         and graph.shape(source) == graph.shape(out)
         and not graph.is_graph_output(out)
@@ -120,7 +120,7 @@ def _is_float32_constant(graph: Graph, tensor: int) -> bool:
     return (
         graph.dtype(tensor) == "FLOAT32"
         and graph.is_constant(tensor)
-        and (q is None or len(q.get("scale") or []) == 0)
+        and (q is None or q.get("scale") is None or len(q.scale) == 0)
         and not graph.is_graph_output(tensor)
     )
 
