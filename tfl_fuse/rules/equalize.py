@@ -424,7 +424,9 @@ def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float, stats:
     r = {}
     for k in set(range1) | set(range2):
         a, b = range1.get(k, 0.0), range2.get(k, 0.0)
-        r[k] = float(np.clip(np.sqrt(a * b) / b, 1 / R_LIMIT, R_LIMIT)) if a > 0 and b > 0 else 1.0
+        # sqrt(a / b) rather than sqrt(a * b) / b: the product of two huge ranges overflows
+        ratio = np.sqrt(a / b) if a > 0 and b > 0 else 1.0
+        r[k] = float(np.clip(ratio, 1 / R_LIMIT, R_LIMIT)) if np.isfinite(ratio) else 1.0
     per_tensor = ctx.weight_granularity == "tensor"
     ones = dict.fromkeys(r, 1.0)
     before = predicted_noise(producers, consumers, ones, per_tensor)
