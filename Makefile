@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test bench bench-quant mediapipe-models lint recipes install install-test clean
+.PHONY: demo test test-converters bench bench-quant bench-cle mediapipe-models lint recipes install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,20 +22,37 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-## make demo: build the bundled example (a pre-activation residual block) and optimize it
+## make demo: build the bundled example (a pre-activation residual block) and optimize it;
+## prints what changed and the summary; the JSON report goes to build/demo/report.json
 demo: $(VENV)/.installed
 	@mkdir -p $(BUILD)/demo
-	$(BIN)/python tools/chef.py recipes/Demo_Residual_Preact_BN -o $(BUILD)/demo/example.tflite
-	$(BIN)/python -m tfl_fuse $(BUILD)/demo/example.tflite $(BUILD)/demo/example.opt.tflite --verify -v --report -
+	@$(BIN)/python tools/chef.py recipes/Demo_Residual_Preact_BN -o $(BUILD)/demo/example.tflite
+	@echo "optimizing $(BUILD)/demo/example.tflite (a pre-activation residual block) into $(BUILD)/demo/example.opt.tflite:"
+	@$(BIN)/python -m tfl_fuse $(BUILD)/demo/example.tflite $(BUILD)/demo/example.opt.tflite \
+	  --verify -v --report $(BUILD)/demo/report.json
+	@echo "the JSON report: $(BUILD)/demo/report.json"
 
 ## make test: the whole suite (recipes, unit tests, Keras models converted with tensorflow-cpu)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
+## make test-converters: small PyTorch nets converted by litert-torch (not part of make test);
+## installs torch 2.13.0 (the CPU wheel) and litert-torch into .venv, caches models in build/cache
+$(VENV)/.installed-converters: setup.cfg pyproject.toml $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test,converters]'
+	touch $@
+
+test-converters: $(VENV)/.installed-converters
+	TFL_FUSE_CONVERTERS=1 $(BIN)/python -m pytest -q tests/test_converters.py
+
 ## make bench: tool cost, inference latency and fold coverage on Keras models, then quantization
 bench: $(VENV)/.installed-test
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/quantbench.py
+
+## make bench-cle: equalize_cross_layer's criterion against measured int8 errors, group by group
+bench-cle: $(VENV)/.installed-test
+	$(BIN)/python tools/cle_study.py
 
 ## make bench-quant: the quantization section alone (ai-edge-quantizer on (a) untouched, (b) default, (c) --target int8)
 bench-quant: $(VENV)/.installed-test

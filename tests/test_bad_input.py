@@ -63,7 +63,13 @@ def test_empty_file(capsys, tmp_path):
 @pytest.mark.parametrize("fraction", [0.02, 0.1, 0.3, 0.5, 0.8, 0.95])
 def test_truncated_file(capsys, tmp_path, good_model, fraction):
     cut = max(8, int(len(good_model) * fraction))
-    assert_refused(capsys, tmp_path, good_model[:cut], "corrupt or truncated", existing=b"keep me")
+    assert_refused(
+        capsys,
+        tmp_path,
+        good_model[:cut],
+        "truncated or not a tflite flatbuffer",
+        existing=b"keep me",
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -146,9 +152,13 @@ def test_missing_input_path(capsys, tmp_path):
     assert_refused(capsys, tmp_path, None, "cannot read")
 
 
-def test_input_is_a_directory(capsys, tmp_path):
-    code, err = run_cli(capsys, [tmp_path, tmp_path / "out.tflite"])
-    assert code == 1 and "directory" in err and len(err.strip().splitlines()) == 1
+def test_input_is_a_directory_needs_a_folder_output(capsys, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    out = tmp_path / "out.tflite"
+    out.write_bytes(b"a file")
+    code, err = run_cli(capsys, [folder, out])
+    assert code == 1 and "must be a folder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unwritable_output_folder(capsys, tmp_path, good_model):

@@ -28,7 +28,7 @@ def test_report_file_has_the_contract_keys(model, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert {"ops_before", "ops_after", "rewrites", "declined"} <= set(report)
     assert report["ops_before"]["MUL"] == 1 and report["ops_after"].get("MUL", 0) == 0
-    assert all({"rule", "where", "reason"} <= set(d) for d in report["declined"])
+    assert all({"rule", "subgraph", "ops", "reason"} <= set(d) for d in report["declined"])
 
 
 def test_report_to_stdout_and_verbose_lines(model, tmp_path, capsys):

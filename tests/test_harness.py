@@ -91,6 +91,26 @@ def test_chef_is_deterministic():
             "operation[0].type",
         ),
         ('inputs = ["x"]\noutputs = = 3\n', "line 2"),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x" } ]\n[expect]\nfird = ["a"]',
+            "expect.fird: unknown key (known in expect: declined, exclude, fired,",
+        ),
+        (
+            'inputs = ["x"]\noperand = [ { name = "x" } ]\n[expect]\nfired = []\noutputs = ["x"]',
+            "expect.outputs: a top-level key written after [expect]",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\nformt = "tflite"\noperand = [ { name = "x" } ]',
+            "recipe.formt: unknown key",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x", filler = { knd = "constant" } } ]',
+            "operand[0].filler.knd: unknown key",
+        ),
+        (
+            'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x" } ]\n[[expect.declined]]\nrule = "a"\nreson = "b"',
+            "expect.declined[0].reson: unknown key",
+        ),
     ],
 )
 def test_chef_errors_name_the_key(tmp_path, text, message, capsys):
@@ -98,3 +118,4 @@ def test_chef_errors_name_the_key(tmp_path, text, message, capsys):
     assert chef.main([str(tmp_path), "-o", str(tmp_path / "m.tflite")]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "recipe.toml") in err  # the recipe's path

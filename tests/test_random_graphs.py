@@ -7,6 +7,7 @@ import random
 
 import chef
 import pytest
+from leftovers import unexplained_leftovers
 
 import tfl_fuse
 from tfl_fuse import fb, verify
@@ -40,6 +41,47 @@ class Builder:
         self.operations.append(entry)
         return out
 
+    def int_constant(self, values):
+        self.n += 1
+        name = f"t{self.n}"
+        self.operands.append(
+            {
+                "name": name,
+                "shape": [len(values)],
+                "type": "int32",
+                "filler": {"kind": "explicit", "values": list(values)},
+            }
+        )
+        return name
+
+    def nchw_affine(self, x, h, w, c):
+        """As PyTorch converters write a BN: TRANSPOSE to NCHW, MUL/ADD by [1, C, 1, 1] (or
+        [C, 1, 1]) constants, maybe a crop over H or W, TRANSPOSE back to NHWC."""
+        rng = self.rng
+        y = self.op("TRANSPOSE", [x, self.int_constant([0, 3, 1, 2])], [1, c, h, w])
+        for kind in rng.choice([["MUL"], ["ADD"], ["MUL", "ADD"], ["SUB", "MUL", "ADD"]]):
+            shape = rng.choice([[1, c, 1, 1], [c, 1, 1]])
+            filler = (
+                {"kind": "uniform", "low": -1.5, "high": 1.5}
+                if kind == "MUL"
+                else {"kind": "gaussian", "stddev": 0.5}
+            )
+            act = rng.choice(["NONE", "NONE", "RELU"]) if kind == "ADD" else "NONE"
+            y = self.op(kind, [y, self.tensor(shape, filler)], [1, c, h, w], activation=act)
+        if rng.random() < 0.3 and h >= 3:  # a crop over the spatial axes, as after a deconv
+            y = self.op(
+                "STRIDED_SLICE",
+                [
+                    y,
+                    self.int_constant([0, 0, 1, 1]),
+                    self.int_constant([1, c, h, w]),
+                    self.int_constant([1, 1, 1, 1]),
+                ],
+                [1, c, h - 1, w - 1],
+            )
+            h, w = h - 1, w - 1
+        return self.op("TRANSPOSE", [y, self.int_constant([0, 2, 3, 1])], [1, h, w, c])
+
     def per_channel(self, channels, kind):
         shape = self.rng.choice([[channels], [1, 1, 1, channels], [1]])
         if kind == "scale":
@@ -70,7 +112,9 @@ class Builder:
             "residual",
             "concat",
         ]
-        choice = rng.choice(kinds + ["strided"])
+        choice = rng.choice(kinds + ["strided", "nchw"])
+        if choice == "nchw":
+            return self.nchw_affine(x, h, w, c)
         if choice == "strided" and h >= 2:
             out_c = rng.randint(2, 6)
             outs = []
@@ -196,6 +240,7 @@ def test_random_network_keeps_its_outputs(seed):
         result = verify.compare_models(data, out, seed=seed, rtol=rtol, kinds=kinds)
         assert result["match"], (result["summary"], report["rewrites"])
     assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
+    assert unexplained_leftovers(out, report) == [], report["declined"]
     again, second = tfl_fuse.optimize(out)
     assert second["rewrites"] == []
 
@@ -231,5 +276,6 @@ def test_random_network_for_a_quantizer_keeps_its_outputs(seed, target):
         assert result["match"], (result["summary"], report["rewrites"])
     assert not [r for r in report["rewrites"] if r.get("scaled_input_channels")]
     assert sum(report["ops_after"].values()) <= sum(report["ops_before"].values())
+    assert unexplained_leftovers(out, report) == [], report["declined"]
     again, second = tfl_fuse.optimize(out, target=target)
     assert second["rewrites"] == []

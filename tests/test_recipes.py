@@ -6,6 +6,7 @@ import chef
 import pytest
 import valuetest
 from conftest import recipe_dirs
+from leftovers import unexplained_leftovers
 
 import tfl_fuse
 
@@ -43,6 +44,8 @@ def test_recipe(recipe_dir, build_dir):
         ), f"no decline {wanted} in {report['declined']}"
     if expect.get("unchanged"):
         assert not report["rewrites"]
+    if report["rules"]:
+        assert unexplained_leftovers(out, report) == [], report["declined"]
 
     # round trip with no rules computes the same, and the optimized model too
     round_trip, _ = tfl_fuse.optimize(data, [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +13,97 @@ from typing import Any
 
 from . import engine, fb, formats, rules
 from .model import ModelError
+from .report import entry_text
 
 
 class VerificationError(Exception):
-    """--verify found the optimized model computing something else; carries the comparison."""
+    """--verify found the optimized model computing something else.
 
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
+    ``result`` is the comparison (with ``culprit``: the first rewrite after which the outputs
+    differ, when one is found); ``report`` the whole report of the run, nothing written.
+    """
+
+    def __init__(
+        self, message: str, result: dict[str, Any], report: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.result = result
+        self.report = report if report is not None else {"verify": result}
+
+
+# Default --verify tolerance: an output element matches when
+# |optimized - original| <= tolerance * |original| + tolerance * max |original output|.
+DEFAULT_TOLERANCE = 1e-5
+
+
+class UnknownRuleError(ValueError, KeyError):
+    """An unknown rule name (a ValueError; also a KeyError, as earlier versions raised)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _names_argument(value: Any, parameter: str, allow_none: bool = True) -> list[str] | None:
+    """A list of names from ``value``; TypeError naming ``parameter`` for a bare string."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{parameter} must be a list of names, not a string (did you mean [{value!r}]?)"
+        )
+    try:
+        names = list(value)
+    except TypeError:
+        raise TypeError(
+            f"{parameter} must be a list of names, not {type(value).__name__}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{parameter} must hold strings, not {type(name).__name__}")
+    return names
+
+
+def check_options(
+    rules_to_run: Any = None,
+    disable: Any = None,
+    exclude: Any = None,
+    output_format: Any = None,
+    target: Any = "float",
+    weight_granularity: Any = "channel",
+    tolerance: Any = DEFAULT_TOLERANCE,
+) -> tuple[list[str] | None, list[str], list[str]]:
+    """Validate the public options; ValueError/TypeError name the parameter that is wrong."""
+    chosen = _names_argument(rules_to_run, "rules_to_run")
+    disabled = _names_argument(disable, "disable") or []
+    patterns = _names_argument(exclude, "exclude") or []
+    for parameter, names in (("rules_to_run", chosen or []), ("disable", disabled)):
+        for name in names:
+            if name not in rules.RULES_BY_NAME:
+                raise UnknownRuleError(
+                    f"{parameter}: unknown rule {name!r} (known: {', '.join(rules.RULES_BY_NAME)})"
+                )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"exclude: invalid regular expression {pattern!r}: {error}") from None
+    if output_format is not None and output_format not in formats.FORMATS:
+        raise ValueError(
+            f"output_format must be None or one of {', '.join(sorted(formats.FORMATS))}, "
+            f"not {output_format!r}"
+        )
+    if target not in rules.TARGETS:
+        raise ValueError(f"target must be one of {', '.join(rules.TARGETS)}, not {target!r}")
+    if weight_granularity not in rules.WEIGHT_GRANULARITIES:
+        raise ValueError(
+            f"weight_granularity must be one of {', '.join(rules.WEIGHT_GRANULARITIES)}, "
+            f"not {weight_granularity!r}"
+        )
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise TypeError(f"tolerance must be a number, not {type(tolerance).__name__}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), not {tolerance!r}")
+    return chosen, disabled, patterns
 
 
 def optimize_image(
@@ -32,33 +116,120 @@ def optimize_image(
     seed: int = 0,
     target: str = "float",
     weight_granularity: str = "channel",
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     """Like :func:`optimize`, but the output is an :class:`~tfl_fuse.fb.Encoded` image to write."""
-    if target not in rules.TARGETS:
-        raise ValueError(f"target must be one of {', '.join(rules.TARGETS)}, not {target!r}")
-    if weight_granularity not in rules.WEIGHT_GRANULARITIES:
-        raise ValueError(
-            f"weight_granularity must be one of {', '.join(rules.WEIGHT_GRANULARITIES)}, "
-            f"not {weight_granularity!r}"
-        )
-    model = fb.decode(data)
-    source_format = model.format
-    chosen = rules.select(rules_to_run, disable, target)
-    normalized = fb.inconsistent_opcodes(model)
-    report = engine.run(model, chosen, exclude, target, weight_granularity)
-    report["normalized"] = normalized
-    target = output_format or source_format
-    image = fb.encode_image(model, target)
-    report["format"] = {"input": source_format, "output": target}
-    report["size"] = {"input": len(data), "output": len(image)}
+    chosen_names, disabled, patterns = check_options(
+        rules_to_run, disable, exclude, output_format, target, weight_granularity, tolerance
+    )
+    chosen = rules.select(chosen_names, disabled, target)
+    image, report = _run(data, chosen, patterns, output_format, target, weight_granularity)
     if verify:
         from .verify import compare_models
 
-        result = compare_models(data, image.tobytes(), seed=seed)
+        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance))
+        result["tolerance"] = tolerance
         report["verify"] = result
         if not result["match"]:
-            raise VerificationError(f"--verify: outputs differ ({result['summary']})", result)
+            message = (
+                f"--verify: outputs differ beyond tolerance {tolerance:g} ({result['summary']})"
+            )
+            culprit = find_culprit(
+                data,
+                report["rewrites"],
+                chosen,
+                patterns,
+                output_format,
+                target,
+                weight_granularity,
+                seed,
+                tolerance,
+            )
+            if culprit is not None:
+                result["culprit"] = culprit
+                message += (
+                    f"; first after rewrite {culprit['index']} of {len(report['rewrites'])}: "
+                    f"{entry_text(culprit)}"
+                )
+                earlier = [
+                    (i, entry)
+                    for i, entry in enumerate(report["rewrites"][: culprit["index"] - 1], 1)
+                    if entry.get("approximate")
+                ]
+                if earlier and not culprit.get("approximate"):
+                    # an exact rewrite can magnify what an approximate one changed before it
+                    i, entry = earlier[-1]
+                    message += f", after approximate rewrite {i}: {entry_text(entry)}"
+            else:
+                message += "; with no rewrite to blame: decoding and re-encoding changed them"
+            raise VerificationError(message, result, report)
     return image, report
+
+
+def _tolerances(tolerance: float) -> dict[str, float]:
+    return {"rtol": tolerance, "atol_scale": tolerance}
+
+
+def _run(
+    data: bytes | bytearray | memoryview | mmap.mmap,
+    chosen: list[rules.Rule],
+    exclude: list[str],
+    output_format: str | None,
+    target: str,
+    weight_granularity: str,
+    stop_after: int | None = None,
+) -> tuple[fb.Encoded, dict[str, Any]]:
+    model = fb.decode(data)
+    source_format = model.format
+    normalized = fb.inconsistent_opcodes(model)
+    report = engine.run(model, chosen, exclude, target, weight_granularity, stop_after=stop_after)
+    report["normalized"] = normalized
+    written_format = output_format or source_format
+    image = fb.encode_image(model, written_format)
+    report["format"] = {"input": source_format, "output": written_format}
+    report["size"] = {"input": len(data), "output": len(image)}
+    return image, report
+
+
+def find_culprit(
+    data: bytes | bytearray | memoryview | mmap.mmap,
+    rewrites: list[dict[str, Any]],
+    chosen: list[rules.Rule],
+    exclude: list[str],
+    output_format: str | None,
+    target: str,
+    weight_granularity: str,
+    seed: int,
+    tolerance: float,
+) -> dict[str, Any] | None:
+    """The first of ``rewrites`` (a full run's, whose output differs) after which outputs differ.
+
+    The engine is deterministic, so a run stopped after k rewrites holds exactly the first k
+    rewrites of the full run. Bisection over k: the model after rewrites 1..k-1 matches the
+    original, the one after 1..k does not, so rewrite k changed the outputs (given those before
+    it). Returns that rewrite with its 1-based ``index``; None when there is no rewrite.
+    """
+    from .verify import compare_models
+
+    def differs(k: int) -> bool:
+        image, _ = _run(
+            data, chosen, exclude, output_format, target, weight_granularity, stop_after=k
+        )
+        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance))
+        return not result["match"]
+
+    if not rewrites:
+        return None
+    low, high = 0, len(rewrites)  # after `low` rewrites the outputs match; after `high` not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if differs(middle):
+            high = middle
+        else:
+            low = middle
+    if low == 0 and high == 1 and differs(0):
+        return None  # the decode/encode alone changes the outputs
+    return {"index": high, **rewrites[high - 1]}
 
 
 def optimize(
@@ -71,17 +242,24 @@ def optimize(
     seed: int = 0,
     target: str = "float",
     weight_granularity: str = "channel",
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[bytes, dict[str, Any]]:
     """Optimize model bytes; return (output bytes, report).
 
-    ``rules_to_run``: rule names, [] for none (a pure decode/encode), None for the defaults.
+    ``rules_to_run``: a list of rule names, [] for none (a pure decode/encode), None for the
+    target's defaults; ``disable``: rule names not to run; ``exclude``: regular expressions of
+    output tensor names whose ops are left alone.
+    ``output_format``: "tflite", "circle" or None (the input's).
     ``target``: "float" (the output is the model to deploy), "int8" (a float model that a static
     int8 quantizer takes next: among exact forms, the rules choose the one that quantizes best)
     or "dynamic" (likewise, for dynamic-range quantization: int8 weights, float activations).
     ``weight_granularity``: how that quantizer quantizes weights, "channel" (one scale per output
     channel: TFLite's converter and ai-edge-quantizer by default) or "tensor".
-    Raises ModelError for bad input, KeyError for an unknown rule name, and
-    VerificationError when ``verify`` finds a mismatch.
+    ``verify``: run LiteRT on both models with inputs seeded by ``seed``; an output element
+    matches when |optimized - original| <= tolerance * |original| + tolerance * max |original|.
+    Raises ModelError for bad input, TypeError/ValueError naming a wrong argument (an unknown
+    rule name is an UnknownRuleError, both a ValueError and a KeyError), and
+    VerificationError when ``verify`` finds a mismatch (it names the rewrite responsible).
     """
     image, report = optimize_image(
         data,
@@ -93,6 +271,7 @@ def optimize(
         seed,
         target,
         weight_granularity,
+        tolerance,
     )
     return image.tobytes(), report
 
@@ -155,15 +334,40 @@ def read_model_file(path: str | os.PathLike) -> bytes:
         return bytes(data)
 
 
-def optimize_file(src: str | os.PathLike, dst: str | os.PathLike, **options: Any) -> dict[str, Any]:
+def optimize_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    rules_to_run: list[str] | None = None,
+    disable: list[str] | None = None,
+    exclude: list[str] | None = None,
+    output_format: str | None = None,
+    verify: bool = False,
+    seed: int = 0,
+    target: str = "float",
+    weight_granularity: str = "channel",
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
     """Optimize the model file ``src`` into ``dst`` (which may be the same path); return the report.
 
-    The output format defaults to the one ``dst``'s suffix names, else the input's.
+    The options are :func:`optimize`'s. The output format defaults to the one ``dst``'s suffix
+    names, else the input's. The report's ``output`` is ``dst``.
     """
-    if options.get("output_format") is None:
+    if output_format is None:
         suffix_format = formats.for_path(str(dst))
-        options["output_format"] = suffix_format.name if suffix_format else None
+        output_format = suffix_format.name if suffix_format else None
     with open_model_file(src) as (data, fd):
-        image, report = optimize_image(data, **options)
+        image, report = optimize_image(
+            data,
+            rules_to_run,
+            disable,
+            exclude,
+            output_format,
+            verify,
+            seed,
+            target,
+            weight_granularity,
+            tolerance,
+        )
         write_atomically(dst, image, fd)
+    report["output"] = str(dst)
     return report

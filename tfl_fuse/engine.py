@@ -7,8 +7,10 @@ from collections import Counter
 from typing import Any
 
 from .graph import Graph
-from .model import Model, ModelError
-from .rules import Context, Rule
+from .model import Model, ModelError, Table
+from .rules import Context, Decline, Rule
+from .rules.base import StopRewriting, op_label, record_decline
+from .rules.predicates import LINEAR_OPS, affine_of
 
 MAX_PASSES = 100
 CHANNELS_FIRST = 1
@@ -49,13 +51,59 @@ def explain_float16(graph: Graph, ctx: Context) -> None:
                 and graph.is_constant(producer.inputs[0])
                 and graph.dtype(producer.inputs[0]) == "FLOAT16"
             ):
-                where = f"subgraph {graph.index}: {op.opcode.name} -> {graph.name(op.outputs[0])}"
                 reason = (
                     f"its constant {graph.name(producer.inputs[0])!r} is float16 (DEQUANTIZE); "
                     "float16 constants are not folded (a float16 result would be rounded, a float32 one would undo the model's float16 compression)"
                 )
-                ctx.declines[("*", where, reason)] = {"rule": "*", "where": where, "reason": reason}
+                record_decline(ctx, "*", graph.index, [op_label(graph, op)], reason, graph, op)
                 break
+
+
+def _leftover_reason(graph: Graph, op: Table) -> str:
+    """Why a MUL/ADD/SUB/DIV by a constant that no rule took or declined is still there."""
+    try:
+        affine = affine_of(graph, op, any_axis=True)
+    except Decline as decline:
+        return f"left as it is: {decline}"
+    shape = graph.shape(affine.data)
+    if affine.axis is not None and affine.axis % len(shape) != len(shape) - 1:
+        return (
+            f"left as it is: its constant runs along axis {affine.axis} of {shape}, and no op "
+            "between it and a layer carries that axis to the layer's channel axis"
+        )
+    producer = graph.producer_of(affine.data)
+    source = (
+        f"{producer.opcode.name} {graph.name(affine.data)!r}"
+        if producer is not None
+        else f"graph input {graph.name(affine.data)!r}"
+    )
+    out = op.outputs[0]
+    users = sorted({c.opcode.name for c in graph.consumers_of(out)})
+    targets = ", ".join(users) if users else "nothing"
+    if graph.is_graph_output(out):
+        targets += " and is a graph output"
+    return (
+        f"left as it is: no layer to fold into: its input is {source}, its output goes to {targets}"
+    )
+
+
+def explain_leftovers(graph: Graph, ctx: Context) -> None:
+    """Give every MUL/ADD/SUB/DIV by a constant still in the graph a decline that names it.
+
+    Rules decline what matched their pattern; an op no pattern reached (no layer nearby, a
+    constant along another axis, quantized) is explained here, so nothing stays silently.
+    """
+    said = {
+        label for d in ctx.declines.values() if d["subgraph"] == graph.index for label in d["ops"]
+    }
+    reasons = " ".join(d["reason"] for d in ctx.declines.values())
+    for op in graph.live_ops(*LINEAR_OPS):
+        if len(op.outputs) != 1 or not any(graph.is_constant(t) for t in op.inputs if t >= 0):
+            continue
+        label = op_label(graph, op)
+        if label in said or repr(graph.name(op.outputs[0])) in reasons:
+            continue  # a rule already said why
+        record_decline(ctx, "*", graph.index, [label], _leftover_reason(graph, op), graph, op)
 
 
 def run(
@@ -64,38 +112,57 @@ def run(
     exclude: list[str] | None = None,
     target: str = "float",
     weight_granularity: str = "channel",
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Apply ``rules`` to ``model`` in place until nothing changes; return the report."""
+    """Apply ``rules`` to ``model`` in place until nothing changes; return the report.
+
+    ``stop_after``: stop once that many rewrites are made (the run is deterministic, so they
+    are the first rewrites of a full run).
+    """
     ctx = Context(
         exclude=[re.compile(p) for p in exclude or []],
         target=target,
         weight_granularity=weight_granularity,
     )
     before = op_counts(model)
+    warnings = unmatched_excludes(model, ctx.exclude)
+    if stop_after == 0:
+        rules = []
+    ctx.stop_after = stop_after
     passes = 0
     for index, subgraph in enumerate(model.subgraphs):
         if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
-            where = f"subgraph {index}"
-            ctx.declines[("*", where, "fmt")] = {
-                "rule": "*",
-                "where": where,
-                "reason": "circle subgraph in CHANNELS_FIRST data format: rules assume NHWC and skip it",
-            }
+            record_decline(
+                ctx,
+                "*",
+                index,
+                [],
+                "circle subgraph in CHANNELS_FIRST data format: rules assume NHWC and skip it",
+            )
             continue
         if not rules:
             continue
         graph = Graph(model, index)
+        for op in subgraph.operators:  # labels name ops as the input model did (op_label)
+            if op.outputs and op.outputs[0] >= 0:
+                op._origin = graph.name(op.outputs[0])
+        stopped = False
         for _ in range(MAX_PASSES):
             passes += 1
-            ctx.declines = {
-                k: v for k, v in ctx.declines.items() if not k[1].startswith(f"subgraph {index}:")
-            }
-            changed = sum(_apply(rule, graph, ctx) for rule in rules)
+            ctx.declines = {k: v for k, v in ctx.declines.items() if k[1] != index}
+            try:
+                changed = sum(_apply(rule, graph, ctx) for rule in rules)
+            except StopRewriting:
+                stopped = True
+                break
             if not changed:
                 break
-        if rules:
+        if not stopped:
             explain_float16(graph, ctx)
+            explain_leftovers(graph, ctx)
         graph.sweep()
+        if stopped:
+            break
     return {
         "ops_before": before,
         "ops_after": op_counts(model),
@@ -105,4 +172,23 @@ def run(
         "target": target,
         **({"weight_granularity": weight_granularity} if target != "float" else {}),
         "passes": passes,
+        **({"warnings": warnings} if warnings else {}),
     }
+
+
+def unmatched_excludes(model: Model, patterns: list[re.Pattern]) -> list[str]:
+    """A warning for each --exclude pattern that matches no op's output tensor name."""
+    if not patterns:
+        return []
+    names = [
+        str(subgraph.tensors[t].get("name") or "")
+        for subgraph in model.subgraphs
+        for op in subgraph.operators
+        for t in op.outputs
+        if 0 <= t < len(subgraph.tensors)
+    ]
+    return [
+        f"--exclude {p.pattern!r} matches no op's output tensor name, so it excludes nothing"
+        for p in patterns
+        if not any(p.search(name) for name in names)
+    ]

@@ -73,22 +73,36 @@ def detect_format(data: bytes | bytearray | memoryview) -> Format:
     return fmt
 
 
+def _parse_failure(format_name: str, size: int, error: BaseException) -> str:
+    """Why the flatbuffer parser failed, in words (not the struct module's)."""
+    if isinstance(error, struct.error):
+        why = f"a table or vector points past the end of the file ({size} bytes)"
+    elif isinstance(error, RecursionError):
+        why = "its tables nest without end"
+    elif isinstance(error, MemoryError):
+        why = "a vector claims more elements than memory holds"
+    elif isinstance(error, UnicodeDecodeError):
+        why = "a string is not UTF-8"
+    else:
+        why = f"the {format_name} schema cannot read it ({type(error).__name__})"
+    return f"truncated or not a {format_name} flatbuffer: {why}"
+
+
 def decode(data: bytes | bytearray | memoryview) -> Model:
     """Decode model bytes (TFL3 or CIR0) into a neutral Model; ModelError on bad input."""
     fmt = detect_format(data)
     root_offset = struct.unpack_from("<I", data, 0)[0]
     if root_offset + 4 > len(data):
         raise ModelError(
-            f"corrupt or truncated {fmt.name} model: root offset {root_offset} is past the end ({len(data)} bytes)"
+            f"truncated or not a {fmt.name} flatbuffer: "
+            f"its root offset {root_offset} is past the end of the file ({len(data)} bytes)"
         )
     try:
         accessor = fmt.accessor_class("Model").GetRootAs(data, 0)
         obj = fmt.table_class("Model").InitFromObj(accessor)
         data_formats = _read_circle_data_formats(accessor) if fmt is formats.CIRCLE else []
     except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
-        raise ModelError(
-            f"corrupt or truncated {fmt.name} model ({type(error).__name__}: {error})"
-        ) from None
+        raise ModelError(_parse_failure(fmt.name, len(data), error)) from None
     model = _model_from_objects(obj, fmt, data)
     _record_source_offsets(accessor, model)
     for subgraph, data_format in zip(model.subgraphs, data_formats):

@@ -52,6 +52,11 @@ OPTIONS_TABLE = {
     "SPLIT": "SplitOptions",
     "SQUEEZE": "SqueezeOptions",
     "TRANSPOSE": "TransposeOptions",
+    "STRIDED_SLICE": "StridedSliceOptions",
+    "SLICE": "SliceOptions",
+    "GATHER": "GatherOptions",
+    "EXPAND_DIMS": "ExpandDimsOptions",
+    "MIRROR_PAD": "MirrorPadOptions",
     "MAXIMUM": "MaximumMinimumOptions",
     "MINIMUM": "MaximumMinimumOptions",
 }
@@ -75,6 +80,15 @@ OPTION_DEFAULTS = {
     },
     "Pool2DOptions": {"strideW": 1, "strideH": 1, "filterWidth": 1, "filterHeight": 1},
     "ReducerOptions": {"keepDims": True},
+    "StridedSliceOptions": {
+        "beginMask": 0,
+        "endMask": 0,
+        "ellipsisMask": 0,
+        "newAxisMask": 0,
+        "shrinkAxisMask": 0,
+        "offset": False,
+    },
+    "GatherOptions": {"axis": 0, "batchDims": 0},
 }
 # Op versions that LiteRT accepts for what the chef writes.
 OP_VERSIONS = {"TRANSPOSE_CONV": 3, "DEPTHWISE_CONV_2D": 2}
@@ -85,8 +99,63 @@ KEY_ALIASES = {
 }
 
 
+# Every key a recipe may hold, in one place: when the chef or tests/test_recipes.py learns a new
+# key, add it here (recipes/README.md describes them). A key outside these lists is an error
+# naming the recipe file, so a typo never turns an expectation off silently.
+RECIPE_KEYS = {
+    "top level": {
+        "name", "format", "seed", "data_format", "signature",
+        "inputs", "outputs", "operand", "operation", "expect",
+    },
+    "expect": {
+        "rules", "exclude", "target", "weight_granularity",
+        "ops_after", "fired", "not_fired", "unchanged", "declined", "rtol",
+    },
+    "expect.declined": {"rule", "reason"},
+    "operand": {"name", "type", "shape", "filler", "quant", "same_buffer_as"},
+    "operand.filler": {
+        "kind", "seed", "mean", "stddev", "low", "high", "value", "values", "axis_scale",
+    },
+    "operand.quant": {"scale", "zero_point", "quantized_dimension"},
+    "operation": {"type", "inputs", "outputs", "options", "version", "custom_code"},
+}  # fmt: skip
+
+
 class RecipeError(Exception):
     """A recipe is malformed; the message names the key."""
+
+
+def _unknown_keys(table: Any, kind: str, where: str) -> None:
+    """RecipeError for a key ``kind`` tables do not take (a top-level key after [expect] too)."""
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: expected a table, got {type(table).__name__}")
+    for key in table:
+        if key in RECIPE_KEYS[kind]:
+            continue
+        if kind == "expect" and key in RECIPE_KEYS["top level"]:
+            raise RecipeError(
+                f"{where}.{key}: a top-level key written after [expect] belongs to [expect] in "
+                "TOML; move it above the [expect] header"
+            )
+        known = ", ".join(sorted(RECIPE_KEYS[kind]))
+        raise RecipeError(f"{where}.{key}: unknown key (known in {kind}: {known})")
+
+
+def check_keys(recipe: dict[str, Any]) -> None:
+    """Every key of ``recipe`` is one the chef or the recipe test reads (RECIPE_KEYS)."""
+    _unknown_keys({k: v for k, v in recipe.items() if k != "_file"}, "top level", "recipe")
+    expect = recipe.get("expect", {})
+    _unknown_keys(expect, "expect", "expect")
+    for i, declined in enumerate(expect.get("declined", [])):
+        _unknown_keys(declined, "expect.declined", f"expect.declined[{i}]")
+    for i, operand in enumerate(recipe.get("operand", [])):
+        _unknown_keys(operand, "operand", f"operand[{i}]")
+        if "filler" in operand:
+            _unknown_keys(operand["filler"], "operand.filler", f"operand[{i}].filler")
+        if "quant" in operand:
+            _unknown_keys(operand["quant"], "operand.quant", f"operand[{i}].quant")
+    for i, operation in enumerate(recipe.get("operation", [])):
+        _unknown_keys(operation, "operation", f"operation[{i}]")
 
 
 def camel(key: str) -> str:
@@ -105,6 +174,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RecipeError(f"{file}: no such recipe file") from None
     except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{file}: {error}") from None
+    try:
+        check_keys(recipe)
+    except RecipeError as error:
         raise RecipeError(f"{file}: {error}") from None
     recipe.setdefault("name", file.parent.name)
     recipe["_file"] = str(file)
@@ -228,9 +301,12 @@ def build_model(recipe: dict[str, Any]) -> Model:
         if kind not in _builtin_names(fmt):
             raise RecipeError(f"{where}.type: unknown operator {operation.get('type')!r}")
         version = int(operation.get("version", OP_VERSIONS.get(kind, 1)))
+        custom_code = operation.get("custom_code")
+        if (kind == "CUSTOM") != (custom_code is not None):
+            raise RecipeError(f"{where}.custom_code: a CUSTOM operation, and only one, needs one")
         op = Table(
             "Operator",
-            opcode=model.opcode(kind, version),
+            opcode=model.opcode(kind, version, custom_code),
             inputs=[lookup(n, f"{where}.inputs") for n in operation.get("inputs", [])],
             outputs=[lookup(n, f"{where}.outputs") for n in operation.get("outputs", [])],
         )

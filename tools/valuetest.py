@@ -4,7 +4,8 @@
 For each input kind (seeded normal values, zeros, large magnitudes) it writes
 ``<name>[-kind].input.h5``, ``<name>[-kind].expected.h5`` (original outputs) and
 ``<name>[-kind].opt.h5`` (optimized outputs) in ONE's layout, then compares the last two
-with ``h5compare``. Circle models run through tfl_fuse's in-memory circle -> tflite conversion.
+with ``h5compare``. Custom ops that LiteRT cannot run are cut out of both models first (their
+outputs become inputs, their inputs outputs: tfl_fuse.verify). Circle models run through tfl_fuse's in-memory circle -> tflite conversion.
 
     python tools/valuetest.py original.tflite optimized.tflite --out build/values --name Net
 """
@@ -34,6 +35,8 @@ def run_value_test(
 ) -> tuple[bool, list[str]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # custom ops LiteRT cannot run are cut out of both models (verify.runnable_pair)
+    original, optimized, _ = verify.runnable_pair(original, optimized)
     reference = verify.interpreter(original)
     input_names = [d["name"] for d in reference.get_input_details()]
     output_names = [d["name"] for d in reference.get_output_details()]

@@ -18,6 +18,11 @@ Exact when:
 * the constant is per-channel (broadcasts along the channel axis only);
 * every folded value is finite.
 A missing bias is created (TRANSPOSE_CONV then needs op version >= 3).
+
+Through a channel CONCATENATION (DESIGN.md 3.7): ``concat(L1(x1), L2(x2)) -> MUL s -> ADD t``
+folds slice by slice, Li taking the entries of s and t for its channels, when every input of
+the concat is produced by such a layer and each of these checks holds for every Li; the
+concat then outputs the op's tensor.
 """
 
 from __future__ import annotations
@@ -104,8 +109,10 @@ def activation_after_fold(layer: Table, affine: Affine) -> str:
     )
 
 
-def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
-    """Rewrite ``layer`` so it computes ``affine`` of its output (checks, then changes)."""
+def plan_affine_fold(
+    graph: Graph, layer: Table, affine: Affine
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """New (weights, bias, activation) for ``layer`` computing ``affine`` of its output, or Decline."""
     layout = LAYERS[layer.opcode.name]
     require_single_consumer(graph, layer.outputs[0], layer.opcode.name)
     activation = activation_after_fold(layer, affine)
@@ -120,12 +127,64 @@ def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
     new_weights = scale_along_axis(weights, affine.scale, layout.output_channel_axis)
     new_bias = affine.scale * bias + affine.shift
     require_finite(new_weights, new_bias)
+    return new_weights, new_bias, activation
 
-    graph.set_constant(layer, layout.weight_input, new_weights.astype(np.float32))
-    set_layer_bias(graph, layer, new_bias)
+
+def set_layer_constants(
+    graph: Graph, layer: Table, weights: np.ndarray, bias: np.ndarray, activation: str
+) -> None:
+    graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights.astype(np.float32))
+    set_layer_bias(graph, layer, bias)
     set_fused_activation(layer, activation)
+
+
+def fold_affine_into_layer(graph: Graph, layer: Table, affine: Affine) -> None:
+    """Rewrite ``layer`` so it computes ``affine`` of its output (checks, then changes)."""
+    weights, bias, activation = plan_affine_fold(graph, layer, affine)
+    set_layer_constants(graph, layer, weights, bias, activation)
     graph.set_output(layer, 0, affine.op.outputs[0])
     graph.remove_op(affine.op)
+
+
+def concat_producers(graph: Graph, concat: Table) -> list[Table] | None:
+    """The layers producing each input of a channel CONCATENATION, or None when one is not."""
+    rank = len(graph.shape(concat.outputs[0]))
+    options = concat.get("builtinOptions")
+    if not rank or options is None or options.axis % rank != rank - 1:
+        return None
+    if len(set(concat.inputs)) != len(concat.inputs):
+        return None
+    producers = [graph.producer_of(t) if t >= 0 else None for t in concat.inputs]
+    if any(p is None or p.opcode.name not in LAYERS for p in producers):
+        return None
+    return producers
+
+
+def fold_affine_into_concat(graph: Graph, concat: Table, affine: Affine) -> int:
+    """Fold ``affine`` after a channel CONCATENATION into each producing layer by slice.
+
+    concat(L1(x1), L2(x2)) -> MUL s -> ADD t equals concat(L1'(x1), L2'(x2)) where Li' takes the
+    slice of s and t for its channels (and the op's activation, which commutes with concat).
+    Returns the number of layers changed, or Decline.
+    """
+    require_single_consumer(graph, concat.outputs[0], "CONCATENATION")
+    if fused_activation(concat) != "NONE":
+        raise Decline(f"CONCATENATION has fused {fused_activation(concat)}")
+    plans, start = [], 0
+    for part in concat.inputs:
+        layer = graph.producer_of(part)
+        width = graph.shape(part)[-1]
+        piece = slice(start, start + width)
+        start += width
+        part_affine = Affine(affine.op, part, affine.scale[piece], affine.shift[piece])
+        plans.append((layer, plan_affine_fold(graph, layer, part_affine)))
+    if start != len(affine.scale):
+        raise Decline("the CONCATENATION inputs do not add up to its output channels")
+    for layer, (weights, bias, activation) in plans:
+        set_layer_constants(graph, layer, weights, bias, activation)
+    graph.set_output(concat, 0, affine.op.outputs[0])
+    graph.remove_op(affine.op)
+    return len(plans)
 
 
 class FoldIntoPrecedingLayer(Rule):
@@ -137,6 +196,7 @@ class FoldIntoPrecedingLayer(Rule):
         for op in graph.live_ops(*LINEAR_OPS):
             layer = self._layer_before(graph, op)
             if layer is None:
+                count += self._fold_into_concat(graph, ctx, op)
                 continue
             try:
                 reason = ctx.excluded(graph, op, layer)
@@ -156,6 +216,35 @@ class FoldIntoPrecedingLayer(Rule):
             )
             count += 1
         return count
+
+    def _fold_into_concat(self, graph: Graph, ctx: Context, op: Table) -> int:
+        """``concat(L1, L2, ...) -> op``: fold ``op`` into every Li by slice (DESIGN.md 3.7)."""
+        variables = [t for t in op.inputs if t >= 0 and not graph.is_constant(t)]
+        concat = graph.producer_of(variables[0]) if len(variables) == 1 else None
+        if concat is None or concat.opcode.name != "CONCATENATION" or len(op.inputs) != 2:
+            return 0
+        layers = concat_producers(graph, concat)
+        if layers is None:
+            return 0  # not every slice has a layer to go into; other rules may move it on
+        try:
+            reason = ctx.excluded(graph, op, concat, *layers)
+            if reason:
+                raise Decline(reason)
+            affine = affine_of(graph, op)
+            labels = self.labels(graph, [*layers, concat, op])
+            changed = fold_affine_into_concat(graph, concat, affine)
+        except Decline as decline:
+            self.declined(
+                graph, ctx, op, f"not folded into the layers before CONCATENATION: {decline}"
+            )
+            return 0
+        self.rewrote(
+            graph,
+            ctx,
+            labels,
+            f"{op.opcode.name} folded by slice into the {changed} layers before CONCATENATION",
+        )
+        return 1
 
     @staticmethod
     def _layer_before(graph: Graph, op: Table) -> Table | None:

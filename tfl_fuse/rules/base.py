@@ -16,6 +16,27 @@ class Decline(Exception):
     """A pattern matched but a condition for an exact rewrite does not hold; says why."""
 
 
+class StopRewriting(Exception):
+    """Raised after the rewrite that used up ``Context.stop_after``: the engine stops there.
+
+    Rules record a rewrite only once the graph is consistent again, so stopping at that point
+    leaves a valid model holding exactly the first ``stop_after`` rewrites (--verify uses it
+    to find the rewrite that changed the outputs).
+    """
+
+
+def op_label(graph: Graph, op: Table) -> str:
+    """``TYPE:name``, the name being the op's output tensor when the run began.
+
+    Folds re-point a layer's output to the tensor of the op folded into it; the label keeps the
+    name the user saw in the input model. Ops created by a rule are named by their output.
+    """
+    name = op.__dict__.get("_origin")
+    if name is None:
+        name = graph.name(op.outputs[0]) if op.outputs else "?"
+    return f"{op.opcode.name}:{name}"
+
+
 @dataclass
 class Context:
     """Collects what rules did and refused, and carries the user's options."""
@@ -36,6 +57,7 @@ class Context:
     # default of TFLite's converter and ai-edge-quantizer) or "tensor"
     weight_granularity: str = "channel"
     memo: dict[str, Any] = field(default_factory=dict)  # what a rule remembers across passes
+    stop_after: int | None = None  # stop the run after this many rewrites (None: run to the end)
 
     def excluded(self, graph: Graph, *ops: Table) -> str | None:
         """The first --exclude pattern that matches an output tensor name of ``ops``."""
@@ -77,22 +99,38 @@ class Rule:
     # reporting helpers -------------------------------------------------------------------
     @staticmethod
     def labels(graph: Graph, ops: list[Table]) -> list[str]:
-        """``TYPE:output-name`` of each op: take them before a rewrite renames outputs."""
-        return [
-            f"{op.opcode.name}:{graph.name(op.outputs[0]) if op.outputs else '?'}" for op in ops
-        ]
+        """``TYPE:name`` of each op (see :func:`op_label`); take them before a rewrite."""
+        return [op_label(graph, op) for op in ops]
 
     def rewrote(
         self, graph: Graph, ctx: Context, labels: list[str], detail: str, **extra: Any
     ) -> None:
+        """Record a rewrite; call it once the graph is consistent again."""
         entry = {"rule": self.name, "subgraph": graph.index, "ops": labels, "detail": detail}
         entry.update(extra)
         ctx.rewrites.append(entry)
+        if ctx.stop_after is not None and len(ctx.rewrites) >= ctx.stop_after:
+            raise StopRewriting
 
     def declined(self, graph: Graph, ctx: Context, op: Table, reason: str) -> None:
-        where = f"subgraph {graph.index}: {op.opcode.name} -> {graph.name(op.outputs[0]) if op.outputs else '?'}"
-        ctx.declines[(self.name, where, reason)] = {
-            "rule": self.name,
-            "where": where,
-            "reason": reason,
-        }
+        record_decline(ctx, self.name, graph.index, [op_label(graph, op)], reason, graph, op)
+
+
+def record_decline(
+    ctx: Context,
+    rule: str,
+    subgraph: int,
+    labels: list[str],
+    reason: str,
+    graph: Graph | None = None,
+    op: Table | None = None,
+) -> None:
+    """A refusal, in the same shape as a rewrite: rule, subgraph, ops, and a reason.
+
+    With ``op``, also ``outputs``: its output tensors' names as the written model has them (an
+    op a rule moved has a new output tensor; ``ops`` keeps the input model's name).
+    """
+    entry = {"rule": rule, "subgraph": subgraph, "ops": labels, "reason": reason}
+    if graph is not None and op is not None:
+        entry["outputs"] = [graph.name(t) for t in op.outputs]
+    ctx.declines[(rule, subgraph, tuple(labels), reason)] = entry

@@ -7,6 +7,8 @@ DIV s is MUL 1/s, SUB(t, x) is -x + t). Two in a row compose to
 
 which is written back as MUL(S) then ADD(T), dropping a MUL by 1 or an ADD of 0. So
 ``conv -> add -> mul -> sub`` becomes ``conv -> mul -> add``, which the backward fold takes.
+The constants may run along any one axis (``[1, C, 1, 1]`` from PyTorch converters), the same
+for both ops (a single value goes with any axis).
 
 Exact when the first op has no fused activation and its output has no other consumer and is
 not a graph output; the second op's activation stays on the last op written. A chain that is
@@ -23,7 +25,9 @@ from .base import Context, Decline, Rule
 from .predicates import (
     LINEAR_OPS,
     OPTIONS_OF,
+    Affine,
     affine_of,
+    axis_constant,
     fused_activation,
     has_one_consumer,
     require_finite,
@@ -44,6 +48,12 @@ def make_linear(
     graph.replace_input(op, 1, tensor)
 
 
+def _values(affine: Affine) -> tuple[np.ndarray, np.ndarray]:
+    if affine.axis is None:
+        return affine.scale[:1], affine.shift[:1]
+    return affine.scale, affine.shift
+
+
 class MergeLinearChain(Rule):
     name = "merge_linear_chain"
     summary = "consecutive per-channel MUL/ADD/SUB/DIV by constants merge into at most one MUL and one ADD"
@@ -52,16 +62,18 @@ class MergeLinearChain(Rule):
         count = 0
         for second in graph.live_ops(*LINEAR_OPS):
             try:
-                affine2 = affine_of(graph, second)
+                affine2 = affine_of(graph, second, any_axis=True)
             except Decline:
                 continue
             first = graph.producer_of(affine2.data)
             if first is None or first.opcode.name not in LINEAR_OPS:
                 continue
             try:
-                affine1 = affine_of(graph, first)
+                affine1 = affine_of(graph, first, any_axis=True)
             except Decline:
                 continue
+            if None not in (affine1.axis, affine2.axis) and affine1.axis != affine2.axis:
+                continue  # constants along different axes do not merge into one per-axis op
             canonical = first.opcode.name == "MUL" and second.opcode.name == "ADD"
             if canonical:
                 continue
@@ -79,15 +91,27 @@ class MergeLinearChain(Rule):
             if reason:
                 self.declined(graph, ctx, second, reason)
                 continue
-            scale = affine2.scale * affine1.scale
-            shift = affine2.scale * affine1.shift + affine2.shift
+            # a single-value constant (axis None) broadcasts along the other one's axis
+            s1, t1 = _values(affine1)
+            s2, t2 = _values(affine2)
+            scale = s2 * s1
+            shift = s2 * t1 + t2
             try:
                 require_finite(scale, shift)
             except Decline as decline:
                 self.declined(graph, ctx, second, str(decline))
                 continue
             labels = self.labels(graph, [first, second])
-            self._rewrite(graph, first, second, affine1.data, scale, shift)
+            axis = affine2.axis if affine2.axis is not None else affine1.axis
+            rank = len(graph.shape(affine1.data))
+            self._rewrite(
+                graph,
+                first,
+                second,
+                affine1.data,
+                axis_constant(scale, axis, rank),
+                axis_constant(shift, axis, rank),
+            )
             self.rewrote(graph, ctx, labels, "merged into one MUL and one ADD")
             count += 1
         return count

@@ -341,7 +341,7 @@ class EqualizeCrossLayer(Rule):
             if times.get(key, 0) >= MAX_TIMES:
                 continue
             try:
-                plan = self._plan(graph, ctx, group)
+                plan = plan_group(graph, ctx, group, MIN_GAIN[ctx.weight_granularity])
             except Decline as decline:
                 self.declined(graph, ctx, first, f"not equalized: {decline}")
                 continue
@@ -350,10 +350,7 @@ class EqualizeCrossLayer(Rule):
             changes, gain = plan
             times[key] = times.get(key, 0) + 1
             labels = self.labels(graph, group.producers + group.between + group.consumers)
-            for layer, (weights, bias) in changes.items():
-                graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights)
-                if bias is not None:
-                    set_layer_bias(graph, layer, bias)
+            apply_plan(graph, changes)
             self.rewrote(
                 graph,
                 ctx,
@@ -364,80 +361,82 @@ class EqualizeCrossLayer(Rule):
             count += 1
         return count
 
-    @staticmethod
-    def _plan(graph: Graph, ctx: Context, group: Group):
-        """({layer: (weights, bias or None)}, gain), None where too little gain, or Decline."""
-        try:
-            weights = {
-                id(layer): layer_weights(graph, layer)
-                for layer in group.producers + group.consumers
-            }
-            biases = {
-                id(layer): layer_bias(
-                    graph, layer, weights[id(layer)].shape[_weight_axis(layer, "output")]
-                )
-                for layer in group.producers
-            }
-        except Decline:
-            return None  # quantized or computed weights: nothing to equalize here
-        reason = ctx.excluded(graph, *group.producers, *group.between, *group.consumers)
-        if reason:
-            raise Decline(reason)
-        producers = []
-        for layer in group.producers:
-            axis = _weight_axis(layer, "output")
-            w = np.moveaxis(weights[id(layer)].astype(np.float64), axis, 0)
-            producers.append(
-                Side(
-                    layer, layer.outputs[0], group.class_of(layer.outputs[0]), w.reshape(len(w), -1)
-                )
-            )
-        consumers = []
-        for layer in group.consumers:
-            tensor = layer.inputs[LAYERS[layer.opcode.name].data_input]
-            matrix = consumer_matrix(layer.opcode.name, weights[id(layer)])
-            consumers.append(Side(layer, tensor, group.class_of(tensor), matrix))
-        range1: dict[int, float] = {}
-        range2: dict[int, float] = {}
-        for side in producers:
-            for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=1)):
-                range1[k] = max(range1.get(k, 0.0), value)
-        for side in consumers:
-            for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=(0, 2))):
-                range2[k] = max(range2.get(k, 0.0), value)
-        r = {}
-        for k in set(range1) | set(range2):
-            a, b = range1.get(k, 0.0), range2.get(k, 0.0)
-            r[k] = (
-                float(np.clip(np.sqrt(a * b) / b, 1 / R_LIMIT, R_LIMIT)) if a > 0 and b > 0 else 1.0
-            )
-        per_tensor = ctx.weight_granularity == "tensor"
-        ones = dict.fromkeys(r, 1.0)
-        before = predicted_noise(producers, consumers, biases, ones, per_tensor)
-        after = predicted_noise(producers, consumers, biases, r, per_tensor)
-        gain = before / after if after > 0 else 1.0
-        if not gain >= MIN_GAIN[ctx.weight_granularity]:
-            return None
-        new: dict[int, np.ndarray] = {
-            id(layer): weights[id(layer)].astype(np.float64)
-            for layer in group.producers + group.consumers
+
+def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float):
+    """({layer: (weights, bias or None)}, predicted gain); None below ``min_gain``; or Decline."""
+    try:
+        weights = {
+            id(layer): layer_weights(graph, layer) for layer in group.producers + group.consumers
         }
-        changes: dict[Table, tuple[np.ndarray, np.ndarray | None]] = {}
-        for side in consumers:
-            scale = np.array([r[k] for k in side.classes])
-            new[id(side.layer)] = scale_along_axis(
-                new[id(side.layer)], scale, _weight_axis(side.layer, "input")
+        biases = {
+            id(layer): layer_bias(
+                graph, layer, weights[id(layer)].shape[_weight_axis(layer, "output")]
             )
-        for side in producers:
-            scale = np.array([r[k] for k in side.classes])
-            new[id(side.layer)] = scale_along_axis(
-                new[id(side.layer)], 1 / scale, _weight_axis(side.layer, "output")
-            )
-            bias = biases[id(side.layer)] / scale
-            require_finite(new[id(side.layer)], bias)
-            changes[side.layer] = (new[id(side.layer)].astype(np.float32), bias)
-        for side in consumers:
-            if side.layer not in changes:
-                require_finite(new[id(side.layer)])
-                changes[side.layer] = (new[id(side.layer)].astype(np.float32), None)
-        return changes, gain
+            for layer in group.producers
+        }
+    except Decline:
+        return None  # quantized or computed weights: nothing to equalize here
+    reason = ctx.excluded(graph, *group.producers, *group.between, *group.consumers)
+    if reason:
+        raise Decline(reason)
+    producers = []
+    for layer in group.producers:
+        axis = _weight_axis(layer, "output")
+        w = np.moveaxis(weights[id(layer)].astype(np.float64), axis, 0)
+        producers.append(
+            Side(layer, layer.outputs[0], group.class_of(layer.outputs[0]), w.reshape(len(w), -1))
+        )
+    consumers = []
+    for layer in group.consumers:
+        tensor = layer.inputs[LAYERS[layer.opcode.name].data_input]
+        matrix = consumer_matrix(layer.opcode.name, weights[id(layer)])
+        consumers.append(Side(layer, tensor, group.class_of(tensor), matrix))
+    range1: dict[int, float] = {}
+    range2: dict[int, float] = {}
+    for side in producers:
+        for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=1)):
+            range1[k] = max(range1.get(k, 0.0), value)
+    for side in consumers:
+        for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=(0, 2))):
+            range2[k] = max(range2.get(k, 0.0), value)
+    r = {}
+    for k in set(range1) | set(range2):
+        a, b = range1.get(k, 0.0), range2.get(k, 0.0)
+        r[k] = float(np.clip(np.sqrt(a * b) / b, 1 / R_LIMIT, R_LIMIT)) if a > 0 and b > 0 else 1.0
+    per_tensor = ctx.weight_granularity == "tensor"
+    ones = dict.fromkeys(r, 1.0)
+    before = predicted_noise(producers, consumers, biases, ones, per_tensor)
+    after = predicted_noise(producers, consumers, biases, r, per_tensor)
+    gain = before / after if after > 0 else 1.0
+    if not gain >= min_gain:
+        return None
+    new: dict[int, np.ndarray] = {
+        id(layer): weights[id(layer)].astype(np.float64)
+        for layer in group.producers + group.consumers
+    }
+    changes: dict[Table, tuple[np.ndarray, np.ndarray | None]] = {}
+    for side in consumers:
+        scale = np.array([r[k] for k in side.classes])
+        new[id(side.layer)] = scale_along_axis(
+            new[id(side.layer)], scale, _weight_axis(side.layer, "input")
+        )
+    for side in producers:
+        scale = np.array([r[k] for k in side.classes])
+        new[id(side.layer)] = scale_along_axis(
+            new[id(side.layer)], 1 / scale, _weight_axis(side.layer, "output")
+        )
+        bias = biases[id(side.layer)] / scale
+        require_finite(new[id(side.layer)], bias)
+        changes[side.layer] = (new[id(side.layer)].astype(np.float32), bias)
+    for side in consumers:
+        if side.layer not in changes:
+            require_finite(new[id(side.layer)])
+            changes[side.layer] = (new[id(side.layer)].astype(np.float32), None)
+    return changes, gain
+
+
+def apply_plan(graph: Graph, changes: dict[Table, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    for layer, (weights, bias) in changes.items():
+        graph.set_constant(layer, LAYERS[layer.opcode.name].weight_input, weights)
+        if bias is not None:
+            set_layer_bias(graph, layer, bias)

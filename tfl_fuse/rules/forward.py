@@ -12,7 +12,9 @@ Exact for any padding: a padded zero stays zero after scaling. With x = u + t (A
 Exact only where every output sums the whole kernel over real inputs: FULLY_CONNECTED, and
 convolutions that apply no padding (VALID, or SAME whose computed padding is zero). Never
 for TRANSPOSE_CONV, whose border outputs sum fewer inputs. DEPTHWISE_CONV_2D output o reads
-input channel o // depth_multiplier.
+input channel o // depth_multiplier. A grouped CONV_2D (W[O, KH, KW, C / groups]) output o
+reads the input channels of its group g(o) = o // (O / groups): channel g(o) * C / groups + k at
+index k of the input-channel axis, so the scale (and shift) is taken per output channel.
 
 With ``--target int8`` or ``dynamic`` (the output is quantized next), a scale that is not the same in every
 channel is not folded into the input channels of weights a quantizer quantizes per output
@@ -23,8 +25,7 @@ any scale; a uniform scale widens nothing.
 
 Also required: the MUL/ADD has no fused activation, its output is not a graph output, every
 consumer reads it as its data input and can absorb it (all fold or none do), the weights and
-bias are float32 constants, the folded values are finite, and grouped convolutions are left
-alone.
+bias are float32 constants, and the folded values are finite.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ from .predicates import (
 
 
 def input_channel_map(graph: Graph, layer: Table, weights: np.ndarray, channels: int) -> np.ndarray:
-    """For each index along the weights' input-channel axis, the input channel it reads."""
+    """For each index along the weights' input-channel axis, the input channel it reads.
+
+    A vector, except for a grouped CONV_2D: there an [O, C / groups] map, row o holding the
+    input channels that output channel o reads.
+    """
     kind = layer.opcode.name
     layout = LAYERS[kind]
     if kind == "DEPTHWISE_CONV_2D":
@@ -59,16 +64,30 @@ def input_channel_map(graph: Graph, layer: Table, weights: np.ndarray, channels:
             )
         return np.arange(out_channels) // (out_channels // channels)
     size = weights.shape[layout.input_channel_axis]
-    if size != channels:
-        what = "grouped " if kind == "CONV_2D" and channels % size == 0 else ""
+    if size == channels:
+        return np.arange(size)
+    if kind == "CONV_2D" and size and channels % size == 0:
+        return grouped_input_channel_map(weights.shape[0], size, channels)
+    raise Decline(f"{kind} reads {size} input channels per output, the constant has {channels}")
+
+
+def grouped_input_channel_map(out_channels: int, per_group: int, channels: int) -> np.ndarray:
+    """[O, C / groups]: the input channels each output channel of a grouped CONV_2D reads."""
+    groups = channels // per_group
+    if out_channels % groups:
         raise Decline(
-            f"{what}{kind} reads {size} input channels per output, the constant has {channels}"
+            f"grouped CONV_2D has {out_channels} outputs, not a multiple of its {groups} groups"
         )
-    return np.arange(size)
+    group_of_output = np.arange(out_channels) // (out_channels // groups)
+    return group_of_output[:, None] * per_group + np.arange(per_group)[None, :]
 
 
 def absorb_scale(weights: np.ndarray, layer: Table, scale: np.ndarray) -> np.ndarray:
+    """Weights scaled on the input-channel axis; an [O, C / groups] scale (grouped CONV_2D)
+    scales each output channel's slice by its own group's entries."""
     layout = LAYERS[layer.opcode.name]
+    if scale.ndim == 2:
+        return weights.astype(np.float64) * scale[:, None, None, :]
     axis = (
         layout.output_channel_axis
         if layer.opcode.name == "DEPTHWISE_CONV_2D"
@@ -86,6 +105,8 @@ def absorbed_shift(weights: np.ndarray, layer: Table, shift: np.ndarray) -> np.n
     if kind == "DEPTHWISE_CONV_2D":
         return (w * shift.reshape(1, 1, 1, -1)).sum(axis=(0, 1, 2))
     if kind == "CONV_2D":
+        if shift.ndim == 2:  # grouped: row o is the shift of output o's input channels
+            return np.einsum("ohwi,oi->o", w, shift)
         return np.einsum("ohwi,i->o", w, shift)
     if kind == "FULLY_CONNECTED":
         return w @ shift

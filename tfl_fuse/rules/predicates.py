@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Graph
-from ..model import Table
+from ..model import ModelError, Table
 from .base import Decline
 
 ACTIVATIONS = {"NONE": 0, "RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3, "TANH": 4, "SIGN_BIT": 5}
@@ -169,10 +169,17 @@ class Affine:
     data: int  # the non-constant input tensor
     scale: np.ndarray
     shift: np.ndarray
+    # the axis of ``data`` the constant runs along (-1: the last); None: a single value, any axis
+    axis: int | None = -1
 
 
-def affine_of(graph: Graph, op: Table) -> Affine:
-    """Read MUL/ADD/SUB/DIV with one per-channel constant operand as an affine map."""
+def affine_of(graph: Graph, op: Table, any_axis: bool = False) -> Affine:
+    """Read MUL/ADD/SUB/DIV with one per-channel constant operand as an affine map.
+
+    By default the constant must run along the last (NHWC channel) axis. With ``any_axis`` it
+    may run along any one axis (``[1, C, 1, 1]``, ``[1, C, 1]`` as converters from PyTorch write
+    them); ``Affine.axis`` then says which (None for a single value).
+    """
     kind = op.opcode.name
     if kind not in LINEAR_OPS or len(op.inputs) != 2 or len(op.outputs) != 1:
         raise Decline(f"{kind} is not a binary elementwise op")
@@ -188,20 +195,204 @@ def affine_of(graph: Graph, op: Table) -> Affine:
         raise Decline(
             f"the constant of {kind} broadcasts its input {graph.name(data)!r} to a larger shape"
         )
-    channels = out_shape[-1]
-    value = per_channel_vector(graph, const, channels, len(out_shape))
-    ones, zeros = np.ones(channels), np.zeros(channels)
+    if any_axis:
+        value, axis = per_axis_vector(graph, const, out_shape)
+    else:
+        value, axis = per_channel_vector(graph, const, out_shape[-1], len(out_shape)), -1
+    ones, zeros = np.ones(len(value)), np.zeros(len(value))
     if kind == "MUL":
-        return Affine(op, data, value, zeros)
+        return Affine(op, data, value, zeros, axis)
     if kind == "ADD":
-        return Affine(op, data, ones, value)
+        return Affine(op, data, ones, value, axis)
     if kind == "SUB":
-        return Affine(op, data, ones, -value) if const_b else Affine(op, data, -ones, value)
+        return (
+            Affine(op, data, ones, -value, axis)
+            if const_b
+            else Affine(op, data, -ones, value, axis)
+        )
     if const_a:
         raise Decline("DIV by a variable (constant / x) is not linear")
     if np.any(value == 0):
         raise Decline("DIV by a constant with zero entries")
-    return Affine(op, data, 1.0 / value, zeros)
+    return Affine(op, data, 1.0 / value, zeros, axis)
+
+
+# where the channel axis is (DESIGN.md 11) -----------------------------------------------------
+def per_axis_vector(graph: Graph, tensor: int, shape: list[int]) -> tuple[np.ndarray, int | None]:
+    """A constant that varies along at most one axis of ``shape``: (its values, that axis).
+
+    ``[C]``, ``[1, C]``, ``[1, 1, 1, C]`` run along the last axis, ``[1, C, 1, 1]`` along axis 1
+    (numpy broadcasting aligns shapes on the right). A single value gives the axis None and
+    a vector as long as the last axis.
+    """
+    value = require_float_constant(graph, tensor, "constant operand")
+    rank = len(shape)
+    varying = [i for i, d in enumerate(value.shape) if d != 1]
+    if value.ndim > rank or len(varying) > 1:
+        raise Decline(
+            f"constant {graph.name(tensor)!r} of shape {list(value.shape)} varies along more than one axis"
+        )
+    if not varying:
+        return np.full(shape[-1], float(value.reshape(-1)[0])), None
+    axis = rank - value.ndim + varying[0]
+    if value.shape[varying[0]] != shape[axis]:
+        raise Decline(
+            f"constant {graph.name(tensor)!r} of shape {list(value.shape)} does not match {shape}"
+        )
+    return value.astype(np.float64).reshape(-1), axis
+
+
+def axis_constant(vector: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
+    """``vector`` laid along ``axis`` of a rank-``rank`` tensor: [C] for the last axis, else
+    [1, .., C, .., 1]."""
+    if axis is None or axis % rank == rank - 1:
+        return vector
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return vector.reshape(shape)
+
+
+# Ops that only move, copy or crop elements: a per-channel op along an axis they leave whole
+# commutes with them (the constant is permuted or reshaped with it).
+REARRANGING = (
+    "TRANSPOSE",
+    "RESHAPE",
+    "SQUEEZE",
+    "EXPAND_DIMS",
+    "STRIDED_SLICE",
+    "SLICE",
+    "GATHER",
+    "PAD",
+    "MIRROR_PAD",
+    "BATCH_TO_SPACE_ND",
+    "SPACE_TO_BATCH_ND",
+)
+# Those that insert zeros: a scale commutes with them, a shift does not (the border changes).
+ZERO_INSERTING = ("PAD", "SPACE_TO_BATCH_ND")
+# Pools keep the channel axis and commute with a per-channel shift (LiteRT's SAME pools skip
+# the padded border) and a scale (MAX_POOL_2D: a scale >= 0 only, max keeps order).
+POOLS = ("MAX_POOL_2D", "AVERAGE_POOL_2D")
+CHANNEL_KEEPING = REARRANGING + POOLS
+
+
+def static_shape(graph: Graph, tensor: int) -> list[int] | None:
+    shape = graph.shape(tensor)
+    if not shape or any(d <= 0 for d in shape):
+        return None
+    return shape
+
+
+def dynamic_axes(graph: Graph, tensor: int) -> set[int]:
+    """Axes whose extent is only known at run time (-1 in the shape signature, e.g. the batch)."""
+    signature = graph.tensors[tensor].get("shapeSignature")
+    return {i for i, d in enumerate(signature) if d < 0} if signature is not None else set()
+
+
+def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
+    """The axis of ``op``'s data input that becomes ``axis`` of its output, unchanged and whole.
+
+    When it exists, a per-channel op along ``axis`` after ``op`` equals the same op along the
+    returned axis before it (for ZERO_INSERTING ops a scale only, for MAX_POOL_2D a scale >= 0:
+    ``crossing_refusal``). None: ``op`` mixes, crops or reorders that axis (or its shapes are
+    not static).
+    """
+    kind = op.opcode.name
+    if kind not in CHANNEL_KEEPING or not op.inputs or len(op.outputs) != 1:
+        return None
+    source, out = op.inputs[0], op.outputs[0]
+    in_shape, out_shape = static_shape(graph, source), static_shape(graph, out)
+    if in_shape is None or out_shape is None or not 0 <= axis < len(out_shape):
+        return None
+    options = op.get("builtinOptions")
+    dynamic = dynamic_axes(graph, source) | dynamic_axes(graph, out)
+    if kind == "TRANSPOSE":
+        perm = _constant_ints(graph, op, 1)
+        if perm is None or len(perm) != len(out_shape):
+            return None
+        return int(perm[axis]) % len(in_shape)
+    if kind in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
+        # only other axes split or merge: the same extent with the same product before it. A
+        # run-time batch (axis 0 on both sides) multiplies both products alike.
+        if dynamic - {0} or (dynamic and axis == 0):
+            return None
+        before = int(np.prod(out_shape[:axis]))
+        for candidate, size in enumerate(in_shape):
+            if size == out_shape[axis] and int(np.prod(in_shape[:candidate])) == before:
+                return None if dynamic and candidate == 0 else candidate
+        return None
+    if axis in dynamic:
+        return None
+    if len(in_shape) != len(out_shape) or in_shape[axis] != out_shape[axis]:
+        return None  # the remaining ops keep the rank; the axis must keep its extent
+    if kind in ("BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND"):
+        return axis if axis == len(out_shape) - 1 else None
+    if kind in POOLS:
+        last = axis == len(out_shape) - 1 == 3
+        return axis if last and fused_activation(op) == "NONE" else None
+    if kind == "STRIDED_SLICE":
+        strides = _constant_ints(graph, op, 3)
+        masks = (
+            (options.get("ellipsisMask", 0), options.get("newAxisMask", 0))
+            if options is not None
+            else (0, 0)
+        )
+        shrink = options.get("shrinkAxisMask", 0) if options is not None else 0
+        if strides is None or any(masks) or shrink or strides[axis] != 1:
+            return None
+        return axis  # stride 1 over the whole extent: the axis is kept as it is
+    if kind == "SLICE":
+        return axis
+    if kind == "GATHER":
+        gather_axis = options.get("axis", 0) if options is not None else 0
+        batch_dims = options.get("batchDims", 0) if options is not None else 0
+        indices = op.inputs[1]
+        if len(graph.shape(indices)) != 1 or batch_dims or gather_axis % len(in_shape) == axis:
+            return None
+        return axis
+    if kind in ("PAD", "MIRROR_PAD"):
+        paddings = _constant_ints(graph, op, 1)
+        if paddings is None or paddings.shape != (len(in_shape), 2) or np.any(paddings[axis]):
+            return None
+        return axis
+    return None
+
+
+def crossing_refusal(
+    op: Table, kind: str, vector: np.ndarray, activation: str = "NONE"
+) -> str | None:
+    """Why a per-channel MUL (scale ``vector``) or ADD (shift) with a fused ``activation``
+    cannot cross ``op``, or None. Elementwise activations commute with ops that only move
+    elements; with MAX_POOL_2D only the clamps (monotone), with AVERAGE_POOL_2D none."""
+    name = op.opcode.name
+    if kind == "ADD" and name in ZERO_INSERTING:
+        return f"a shift does not commute with the zeros {name} inserts"
+    if kind == "MUL" and name == "MAX_POOL_2D" and np.any(vector < 0):
+        return "MAX_POOL_2D does not commute with a negative scale"
+    if name == "AVERAGE_POOL_2D" and activation != "NONE":
+        return f"AVERAGE_POOL_2D does not commute with the fused {activation}"
+    if name == "MAX_POOL_2D" and activation not in ("NONE", "RELU", "RELU6", "RELU_N1_TO_1"):
+        return f"MAX_POOL_2D does not commute with the fused {activation}"
+    return None
+
+
+def channel_axis_after(graph: Graph, op: Table, axis: int) -> int | None:
+    """The output axis of ``op`` that carries its input's ``axis`` (channel_axis_through inverted)."""
+    out_shape = static_shape(graph, op.outputs[0]) if len(op.outputs) == 1 else None
+    if out_shape is None:
+        return None
+    for candidate in range(len(out_shape)):
+        if channel_axis_through(graph, op, candidate) == axis:
+            return candidate
+    return None
+
+
+def _constant_ints(graph: Graph, op: Table, position: int) -> np.ndarray | None:
+    if position >= len(op.inputs) or not graph.is_constant(op.inputs[position]):
+        return None
+    try:
+        return graph.constant(op.inputs[position]).astype(np.int64)
+    except ModelError:  # an unreadable constant is simply not a known layout
+        return None
 
 
 def spatial_padding_is_zero(graph: Graph, op: Table) -> bool:
