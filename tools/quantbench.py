@@ -718,7 +718,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[quantbench] {name}: skipped: {why}", flush=True)
                 results["models"][name] = {"skipped": why}
                 continue
-            original = mediapipe_models()[name].read_bytes()
+            try:
+                original = mediapipe_models()[name].read_bytes()
+            except (OSError, subprocess.CalledProcessError, zipfile.BadZipFile) as error:
+                why = f"cannot fetch the mediapipe {MEDIAPIPE_VERSION} wheel: {error}"
+                print(f"[quantbench] {name}: skipped: {why}", flush=True)
+                results["models"][name] = {"skipped": why}
+                continue
             trained, value_range = True, MEDIAPIPE_MODELS[name][1]
         elif name in KERAS_MODELS:
             print(f"[quantbench] {name}: building (cached)", flush=True)
