@@ -20,6 +20,7 @@ def optimize_recipe(recipe_dir):
         None if rules in (None, "all") else list(rules),
         exclude=expect.get("exclude"),
         target=expect.get("target", "float"),
+        weight_granularity=expect.get("weight_granularity", "channel"),
     )
     return data, bytes(out), report, expect
 

@@ -38,6 +38,7 @@ from tfl_fuse import fb, verify  # noqa: E402
 from tfl_fuse.graph import Graph  # noqa: E402
 from tfl_fuse.model import Model  # noqa: E402
 from tfl_fuse.rules import equalize  # noqa: E402
+from tfl_fuse.rules.activation_stats import activation_statistics  # noqa: E402
 from tfl_fuse.rules.base import Context  # noqa: E402
 
 GRANULARITIES = {"channel": "static_channel", "tensor": "static_tensor"}
@@ -56,7 +57,7 @@ def candidate_groups(model: Model, granularity: str) -> list[tuple[str, int, int
         if group is None:
             continue
         decided.update(id(p) for p in group.producers)
-        plan = equalize.plan_group(graph, ctx, group, min_gain=0.0)
+        plan = equalize.plan_group(graph, ctx, group, 0.0, activation_statistics(graph))
         if plan is not None:
             label = graph.name(first.outputs[0])
             found.append((label, len(group.producers), len(group.consumers), plan[1]))
@@ -76,7 +77,7 @@ def equalize_one(base: bytes, index: int, granularity: str) -> bytes:
         if group is None:
             continue
         decided.update(id(p) for p in group.producers)
-        plan = equalize.plan_group(graph, ctx, group, min_gain=0.0)
+        plan = equalize.plan_group(graph, ctx, group, 0.0, activation_statistics(graph))
         if plan is None:
             continue
         if seen == index:

@@ -32,18 +32,21 @@ sqrt(range1 * range2).
 When it helps: applied blindly it makes some trained networks worse (measured on mediapipe's
 face_landmark: 1.03x-1.12x the int8 error). So a group is equalized only where a model of the
 quantization noise at the consumers' outputs predicts a gain of at least ``MIN_GAIN``. The
-model sums, over the outputs o of every consumer L2, the variance each rounding adds there,
-taking the producers' inputs as unit-variance noise (data-free: sigma[c]^2 = sum of sum W1[c]^2
-over the producers summed into channel c is then its variance, mu[c] the sum of their biases):
+model sums, over the outputs o of every consumer L2, the variance each rounding adds there. It
+needs the size of each channel: ``activation_stats`` estimates a per-channel mean mu[c] and
+variance sigma[c]^2 of every tensor data-free, pushing them from the graph inputs through the
+layers (calibration data would be better; the tool has none):
 
     the tensor L2 reads, one scale per tensor:  (max_c (3 sigma[c] + |mu[c]|) / 255)^2 * sum_c W2[o, c]^2
     L2's weights, step d2[o] = max |W2[o]| / 127: d2[o]^2 * sum_c (sigma[c]^2 + mu[c]^2)
-    L1's weights, step d1[c] = max |W1[c]| / 127: sum_c W2[o, c]^2 * d1[c]^2 * fan_in
+    L1's weights, step d1[c] = max |W1[c]| / 127: sum_c W2[o, c]^2 * d1[c]^2 * sum E[x^2] over L1's inputs
 
 each over 12 (uniform rounding); with per-tensor weights (``--weight-granularity tensor``) the
 steps are the whole tensor's. With one scale per channel, L1's term does not change (scaling a
 channel scales its step with it) and L2's widens where the activation term narrows. The gain is
-the ratio of the sums before and after; ``make bench`` checks it against measured int8 errors.
+the ratio of the sums before and after. ``make bench-quant`` measures the result, and
+``make bench-cle`` checks the prediction group by group: it ranks the groups that matter most
+(an outlier channel: measured 0.78x) but is blind to effects of a few percent either way.
 
 Exact when every producer has no fused activation or RELU (not RELU6: min(y, 6) / r !=
 min(y / r, 6)), every tensor of the group is read only by ops of the group and is no graph
@@ -60,6 +63,7 @@ import numpy as np
 
 from ..graph import Graph
 from ..model import Table
+from .activation_stats import Stats, activation_statistics
 from .backward import layer_bias, scale_along_axis, set_layer_bias
 from .base import Context, Decline, Rule
 from .predicates import (
@@ -73,8 +77,8 @@ from .predicates import (
 LAYER_KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # The predicted gain (noise before / after) a group must reach, by weight granularity: chosen on
 # mediapipe's trained face_detection_short_range, face_landmark and palm_detection_lite
-# (bench/results.md). With one scale per channel, 1.25 let one palm_detection_lite pair through
-# that made an output 1.15x worse; 1.4 keeps every output at or below the untouched one.
+# (bench/results.md, make bench-cle). With one scale per channel, a face_landmark group
+# predicted at 1.31 measured 1.13x worse alone; at 1.4 no output of the three is worse.
 MIN_GAIN = {"channel": 1.4, "tensor": 1.1}
 R_LIMIT = 1e3  # no channel scaled by more than this (a dead channel would otherwise explode)
 MAX_TIMES = 4  # a group is decided again after its neighbours change, at most this often
@@ -264,48 +268,35 @@ class Side:
     layer: Table
     tensor: int  # the group tensor it writes (producer) or reads (consumer)
     classes: np.ndarray  # class of each of that tensor's channels
-    weights: np.ndarray
+    weights: np.ndarray  # producer: rows [channels, fan-in]; consumer: [outputs, channels, taps]
+    # producer: sum of E[x^2] over the inputs one output channel reads;
+    # consumer: per-channel mean and variance of the tensor it reads
+    input_energy: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    variance: np.ndarray | None = None
 
 
 def predicted_noise(
-    producers: list[Side],
-    consumers: list[Side],
-    biases: dict[int, np.ndarray],
-    r: dict[int, float],
-    per_tensor: bool,
+    producers: list[Side], consumers: list[Side], r: dict[int, float], per_tensor: bool
 ) -> float:
-    """Quantization noise summed over the consumers' outputs for the scaling ``r`` (docstring).
-
-    Producer weights are rows [channels, fan-in], consumer weights [outputs, channels, taps].
-    """
-    variance: dict[int, float] = {}
-    mean: dict[int, float] = {}
+    """Quantization noise summed over the consumers' outputs for the scaling ``r`` (docstring)."""
     first_weights: dict[int, float] = {}  # noise variance L1's rounding adds to each class
     for side in producers:
-        scale = np.array([r[k] for k in side.classes])
+        scale = np.array([r[k] for k in side.classes.tolist()])
         rows = side.weights / scale[:, None]
-        bias = biases[id(side.layer)] / scale
         if per_tensor:
             step = np.full(len(rows), np.abs(rows).max() / 127)
         else:
             step = np.abs(rows).max(axis=1) / 127
-        for k, row_var, b, noise in zip(
-            side.classes.tolist(),
-            (rows**2).sum(axis=1),
-            bias,
-            step**2 * rows.shape[1],
-        ):
-            variance[k] = variance.get(k, 0.0) + row_var
-            mean[k] = mean.get(k, 0.0) + b
-            first_weights[k] = first_weights.get(k, 0.0) + noise
+        for k, noise in zip(side.classes.tolist(), step**2 * side.input_energy):
+            first_weights[k] = first_weights.get(k, 0.0) + float(noise)
     total = 0.0
     for side in consumers:
-        scale = np.array([r[k] for k in side.classes])
+        scale = np.array([r[k] for k in side.classes.tolist()])
         w2 = side.weights * scale[None, :, None]
-        sigma = np.sqrt([variance.get(k, 0.0) for k in side.classes.tolist()])
-        mu = np.array([mean.get(k, 0.0) for k in side.classes.tolist()])
+        mean, variance = side.mean / scale, side.variance / scale**2
         energy = (w2**2).sum(axis=2)  # [O, C]
-        activation_step = (3 * sigma + np.abs(mu)).max() / 255
+        activation_step = (3 * np.sqrt(variance) + np.abs(mean)).max() / 255
         step2 = (
             np.full(w2.shape[0], np.abs(w2).max() / 127)
             if per_tensor
@@ -313,9 +304,25 @@ def predicted_noise(
         )
         upstream = np.array([first_weights.get(k, 0.0) for k in side.classes.tolist()])
         total += activation_step**2 * energy.sum()
-        total += float((step2**2).sum() * (sigma**2 + mu**2).sum() * w2.shape[2])
+        total += float((step2**2).sum() * (variance + mean**2).sum() * w2.shape[2])
         total += float((energy * upstream[None, :]).sum())
     return total / 12
+
+
+def input_energy(graph: Graph, layer: Table, stats: dict[int, Stats], channels: int) -> np.ndarray:
+    """Per output channel of ``layer``: sum of E[x^2] over the inputs that channel reads."""
+    kind = layer.opcode.name
+    layout = LAYERS[kind]
+    data = layer.inputs[layout.data_input]
+    mean, variance = stats.get(data, (np.zeros(1), np.ones(1)))
+    square = variance + mean**2
+    weights_shape = graph.shape(layer.inputs[layout.weight_input])
+    taps = int(np.prod(weights_shape[1:3])) if kind in ("CONV_2D", "DEPTHWISE_CONV_2D") else 1
+    if kind == "DEPTHWISE_CONV_2D" and len(square) == channels:
+        return taps * square
+    return np.full(
+        channels, taps * float(square.sum()) if kind == "CONV_2D" else float(square.sum())
+    )
 
 
 class EqualizeCrossLayer(Rule):
@@ -330,6 +337,7 @@ class EqualizeCrossLayer(Rule):
         count = 0
         times = ctx.memo.setdefault(self.name, {})
         decided: set[int] = set()  # producers whose group this pass already looked at
+        stats: dict[int, Stats] | None = None
         for first in graph.live_ops(*LAYER_KINDS):
             if id(first) in decided or not _is_producer(graph, first):
                 continue
@@ -340,8 +348,10 @@ class EqualizeCrossLayer(Rule):
             key = tuple(sorted(id(p) for p in group.producers))
             if times.get(key, 0) >= MAX_TIMES:
                 continue
+            if stats is None:
+                stats = activation_statistics(graph)
             try:
-                plan = plan_group(graph, ctx, group, MIN_GAIN[ctx.weight_granularity])
+                plan = plan_group(graph, ctx, group, MIN_GAIN[ctx.weight_granularity], stats)
             except Decline as decline:
                 self.declined(graph, ctx, first, f"not equalized: {decline}")
                 continue
@@ -351,6 +361,7 @@ class EqualizeCrossLayer(Rule):
             times[key] = times.get(key, 0) + 1
             labels = self.labels(graph, group.producers + group.between + group.consumers)
             apply_plan(graph, changes)
+            stats = None  # the magnitudes downstream changed
             self.rewrote(
                 graph,
                 ctx,
@@ -362,7 +373,7 @@ class EqualizeCrossLayer(Rule):
         return count
 
 
-def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float):
+def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float, stats: dict[int, Stats]):
     """({layer: (weights, bias or None)}, predicted gain); None below ``min_gain``; or Decline."""
     try:
         weights = {
@@ -383,14 +394,25 @@ def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float):
     for layer in group.producers:
         axis = _weight_axis(layer, "output")
         w = np.moveaxis(weights[id(layer)].astype(np.float64), axis, 0)
+        rows = w.reshape(len(w), -1)
         producers.append(
-            Side(layer, layer.outputs[0], group.class_of(layer.outputs[0]), w.reshape(len(w), -1))
+            Side(
+                layer,
+                layer.outputs[0],
+                group.class_of(layer.outputs[0]),
+                rows,
+                input_energy=input_energy(graph, layer, stats, len(rows)),
+            )
         )
     consumers = []
     for layer in group.consumers:
         tensor = layer.inputs[LAYERS[layer.opcode.name].data_input]
         matrix = consumer_matrix(layer.opcode.name, weights[id(layer)])
-        consumers.append(Side(layer, tensor, group.class_of(tensor), matrix))
+        classes = group.class_of(tensor)
+        mean, variance = stats.get(tensor, (np.zeros(len(classes)), np.ones(len(classes))))
+        if len(mean) != len(classes):
+            mean, variance = np.zeros(len(classes)), np.ones(len(classes))
+        consumers.append(Side(layer, tensor, classes, matrix, mean=mean, variance=variance))
     range1: dict[int, float] = {}
     range2: dict[int, float] = {}
     for side in producers:
@@ -405,8 +427,8 @@ def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float):
         r[k] = float(np.clip(np.sqrt(a * b) / b, 1 / R_LIMIT, R_LIMIT)) if a > 0 and b > 0 else 1.0
     per_tensor = ctx.weight_granularity == "tensor"
     ones = dict.fromkeys(r, 1.0)
-    before = predicted_noise(producers, consumers, biases, ones, per_tensor)
-    after = predicted_noise(producers, consumers, biases, r, per_tensor)
+    before = predicted_noise(producers, consumers, ones, per_tensor)
+    after = predicted_noise(producers, consumers, r, per_tensor)
     gain = before / after if after > 0 else 1.0
     if not gain >= min_gain:
         return None

@@ -385,6 +385,12 @@ def push_shift(
             f"the shift cannot cross the zero PAD {graph.name(tensor)!r}: the padded border would change"
         )
     else:
+        source = producer.inputs[0] if producer.inputs else -1
+        if source >= 0 and graph.producer_of(source) is None and not graph.is_constant(source):
+            raise Decline(
+                f"above {kind} {graph.name(tensor)!r} is the graph input {graph.name(source)!r}, "
+                "and no layer there to take a shift"
+            )
         raise Decline(f"{kind} producing {graph.name(tensor)!r} cannot take a shift")
     compensate(graph, tensor, delta, plan, exclude, depth + 1)
 
