@@ -234,32 +234,34 @@ def _float16(converter, tf):
     converter.target_spec.supported_types = [tf.float16]
 
 
-def test_fully_int8_model_is_left_bit_exact():
+def test_fully_int8_model_bn_pairs_become_depthwise():
     data, out, report = optimize(_converted("preact-int8.tflite", _int8))
     graph = Graph(fb.decode(data), 0)
     assert graph.dtype(graph.subgraph.inputs[0]) == "INT8"
-    float_math = [r for r in report["rewrites"] if r["rule"] != "remove_identity"]
-    assert float_math == []
-    result = verify.compare_models(data, out)
-    assert result["match"] and max(result["max_abs_diff"].values()) == 0
+    assert report["ops_before"]["MUL"] == 2 and report["ops_after"].get("MUL", 0) == 0
+    assert report["ops_after"]["DEPTHWISE_CONV_2D"] == 2
+    # one rounding per BN is gone: the int8 logits move by a few quanta at most
+    # (tests/test_quantized.py measures the error against the float model)
+    interp = verify.interpreter(data)
+    for seed in range(3):
+        inputs = verify.random_inputs(interp, seed)
+        a, b = verify.run(data, inputs)[0], verify.run(out, inputs)[0]
+        assert np.max(np.abs(a.astype(int) - b.astype(int))) <= 3
 
 
-def test_float16_weight_model_keeps_its_fp16_weights():
+def test_float16_weight_model_folds_and_stays_float16():
     data, out, report = optimize(_converted("preact-fp16.tflite", _float16))
-    assert report["ops_before"].get("DEQUANTIZE", 0) > 0
-    assert report["ops_after"].get("DEQUANTIZE", 0) == report["ops_before"]["DEQUANTIZE"]
-    original = fb.decode(data)
-    fp16 = [
-        bytes(original.buffers[t.buffer].data)
-        for t in original.subgraphs[0].tensors
-        if t.type == "FLOAT16"
-    ]
-    assert fp16
-    kept = {bytes(b.data) for b in fb.decode(out).buffers if b.data is not None}
-    assert all(buffer in kept for buffer in fp16)  # byte for byte
-    left = report["ops_after"].get("MUL", 0) + report["ops_after"].get("ADD", 0)
-    assert sum("float16" in d["reason"] for d in report["declined"]) >= min(left, 1)
-    assert_outputs_match(data, out)
+    assert report["ops_before"].get("DEQUANTIZE", 0) > 0 and report["ops_before"]["MUL"] > 0
+    assert report["ops_after"].get("MUL", 0) == 0
+    assert report["float16_constants_rewritten"] > 0
+    graph = Graph(fb.decode(out), 0)
+    for layer in graph.ops_of_type("CONV_2D", "FULLY_CONNECTED"):
+        weights = graph.producer_of(layer.inputs[1])
+        assert weights is not None and weights.opcode.name == "DEQUANTIZE"
+        assert graph.dtype(weights.inputs[0]) == "FLOAT16"
+    # the folded weights are rounded to float16 once more: outputs move by that rounding
+    result = verify.compare_models(data, out, rtol=1e-2)
+    assert max(result["max_rel_diff"].values()) < 5e-3, result["summary"]
 
 
 def test_resnet50_v1_strides_move_up_exactly():

@@ -55,6 +55,13 @@ def test_recipe(recipe_dir, build_dir):
     )
     assert ok, "\n".join(lines)
     ok, lines = valuetest.run_value_test(
-        recipe_dir.name, data, out, build_dir / "recipes", rtol=expect.get("rtol", 1e-5)
+        recipe_dir.name,
+        data,
+        out,
+        build_dir / "recipes",
+        rtol=expect.get("rtol", 1e-5),
+        quanta=expect.get("quanta", 0),
+        quanta_share=expect.get("quanta_share", 0.0),
+        atol_scale=expect.get("atol_scale", 1e-5),
     )
     assert ok, "\n".join(lines)

@@ -127,8 +127,8 @@ def optimize_image(
     if verify:
         from .verify import compare_models
 
-        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance))
-        result["tolerance"] = tolerance
+        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance, report))
+        result["tolerance"] = _tolerances(tolerance, report)["rtol"]
         report["verify"] = result
         if not result["match"]:
             message = (
@@ -166,7 +166,11 @@ def optimize_image(
     return image, report
 
 
-def _tolerances(tolerance: float) -> dict[str, float]:
+def _tolerances(tolerance: float, report: dict[str, Any] | None = None) -> dict[str, float]:
+    if report is not None and report.get("float16_constants_rewritten"):
+        from .verify import FLOAT16_TOLERANCE
+
+        tolerance = max(tolerance, FLOAT16_TOLERANCE)
     return {"rtol": tolerance, "atol_scale": tolerance}
 
 
@@ -212,10 +216,10 @@ def find_culprit(
     from .verify import compare_models
 
     def differs(k: int) -> bool:
-        image, _ = _run(
+        image, report = _run(
             data, chosen, exclude, output_format, target, weight_granularity, stop_after=k
         )
-        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance))
+        result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance, report))
         return not result["match"]
 
     if not rewrites:

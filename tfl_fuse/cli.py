@@ -189,6 +189,8 @@ def list_rules() -> str:
                 tag = " [off by default]"
             else:
                 tag = f" [on by default with --target {' or '.join(on)}]"
+        if rule.quantized:
+            tag += " [quantized tensors]"
         lines.append(f"{rule.name:32s} {rule.summary}{tag}")
     return "\n".join(lines)
 

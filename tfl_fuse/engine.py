@@ -6,11 +6,13 @@ import re
 from collections import Counter
 from typing import Any
 
+from . import float16
 from .graph import Graph
 from .model import Model, ModelError, Table
 from .rules import Context, Decline, Rule
 from .rules.base import StopRewriting, op_label, record_decline
 from .rules.predicates import LINEAR_OPS, affine_of
+from .rules.quantized import explain_quantized
 
 MAX_PASSES = 100
 CHANNELS_FIRST = 1
@@ -130,6 +132,7 @@ def run(
         rules = []
     ctx.stop_after = stop_after
     passes = 0
+    float16_counts = {"rewritten": 0}
     for index, subgraph in enumerate(model.subgraphs):
         if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
             record_decline(
@@ -146,6 +149,12 @@ def run(
         for op in subgraph.operators:  # labels name ops as the input model did (op_label)
             if op.outputs and op.outputs[0] >= 0:
                 op._origin = graph.name(op.outputs[0])
+        # Float target: float16 weights fold like float32 ones and are stored as float16 again
+        # (float16.py). Not when dequantize_float16_weights runs: it keeps them float32.
+        lifting = target == "float" and not any(
+            rule.name == "dequantize_float16_weights" for rule in rules
+        )
+        lifted = float16.lift(graph) if lifting else None
         stopped = False
         for _ in range(MAX_PASSES):
             passes += 1
@@ -157,8 +166,14 @@ def run(
                 break
             if not changed:
                 break
+        if lifted is not None:
+            counts = float16.lower(graph, lifted)
+            if counts["rewritten"]:
+                float16_counts["rewritten"] += counts["rewritten"]
         if not stopped:
-            explain_float16(graph, ctx)
+            if lifted is None:
+                explain_float16(graph, ctx)
+            explain_quantized(graph, ctx)
             explain_leftovers(graph, ctx)
         graph.sweep()
         if stopped:
@@ -172,6 +187,11 @@ def run(
         "target": target,
         **({"weight_granularity": weight_granularity} if target != "float" else {}),
         "passes": passes,
+        **(
+            {"float16_constants_rewritten": float16_counts["rewritten"]}
+            if float16_counts["rewritten"]
+            else {}
+        ),
         **({"warnings": warnings} if warnings else {}),
     }
 

@@ -256,6 +256,20 @@ class Graph:
                 del self.producer[t]
                 self._maybe_orphan(t)
 
+    def revive_op(self, op: Table) -> None:
+        """Undo :meth:`remove_op` for an op that is still in the operator list."""
+        if id(op) not in self._dead:
+            return
+        self._dead.discard(id(op))
+        for t in op.inputs:
+            if t >= 0:
+                self.consumers[t].append(op)
+                self._orphans.discard(t)
+        for t in op.outputs:
+            if t >= 0:
+                self.producer[t] = op
+                self._orphans.discard(t)
+
     def set_shape(self, tensor: int, shape: list[int]) -> None:
         self._set_shape(self.tensors[tensor], tuple(shape))
 

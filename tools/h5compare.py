@@ -8,7 +8,9 @@ A dump has a group ``name`` (dataset "0", "1", ... holding each tensor's name) a
     python tools/h5compare.py A.h5 B.h5 [--rtol R] [--atol A]
 
 Float tensors compare with rtol (default 1e-5) and an atol scaled to the magnitude of A's
-tensor (unless --atol is given); integer tensors exactly. Prints the worst differences by
+tensor (unless --atol is given); integer tensors exactly, or within --quanta (quantized
+models whose folds removed a rounding: at most that many quanta apart, and at most
+--quanta-share of the values more than 1 quantum apart). Prints the worst differences by
 tensor; exits 0 on match, 1 on mismatch, 2 on unreadable files.
 """
 
@@ -46,8 +48,17 @@ def read_dump(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
 
 
 def compare_tensors(
-    expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float | None
+    expected: np.ndarray,
+    actual: np.ndarray,
+    rtol: float,
+    atol: float | None,
+    quanta: int = 0,
+    quanta_share: float = 0.0,
+    atol_scale: float = ATOL_SCALE,
 ) -> tuple[bool, str]:
+    """Float: rtol/atol. Integer: exactly, or (``quanta`` > 0, for quantized models that a fold
+    changed by a rounding) at most ``quanta`` apart with at most ``quanta_share`` of the values
+    more than 1 apart."""
     if expected.shape != actual.shape:
         return False, f"shape {list(expected.shape)} vs {list(actual.shape)}"
     if expected.dtype != actual.dtype:
@@ -57,16 +68,19 @@ def compare_tensors(
     if expected.dtype.kind not in "fc":
         diff = np.abs(expected.astype(np.int64) - actual.astype(np.int64))
         worst = int(diff.max())
+        far = int(np.count_nonzero(diff > 1))
+        ok = worst <= quanta and far <= quanta_share * diff.size
         return (
-            worst == 0,
-            f"max |diff| {worst} ({int(np.count_nonzero(diff))} of {diff.size} differ)",
+            ok,
+            f"max |diff| {worst} ({int(np.count_nonzero(diff))} of {diff.size} differ, "
+            f"{far} by more than 1 quantum; allowed {quanta})",
         )
     scale = (
         float(np.max(np.abs(expected[np.isfinite(expected)])))
         if np.any(np.isfinite(expected))
         else 0.0
     )
-    tolerance = atol if atol is not None else max(ATOL_SCALE * scale, 1e-6)
+    tolerance = atol if atol is not None else max(atol_scale * scale, 1e-6)
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     with np.errstate(invalid="ignore"):
         diff = np.abs(e - a)
@@ -82,15 +96,23 @@ def compare_tensors(
 
 
 def compare_files(
-    path_a: str | Path, path_b: str | Path, rtol: float = DEFAULT_RTOL, atol: float | None = None
+    path_a: str | Path,
+    path_b: str | Path,
+    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    quanta: int | dict[str, int] = 0,
+    quanta_share: float = 0.0,
+    atol_scale: float = ATOL_SCALE,
 ) -> tuple[bool, list[str]]:
+    """Compare two dumps tensor by tensor; ``quanta`` may name a tolerance per tensor."""
     names_a, values_a = read_dump(path_a)
     names_b, values_b = read_dump(path_b)
     if len(values_a) != len(values_b):
         return False, [f"{len(values_a)} tensors vs {len(values_b)}"]
     ok, lines = True, []
     for name, a, b in zip(names_a, values_a, values_b, strict=True):
-        same, text = compare_tensors(a, b, rtol, atol)
+        allowed = quanta.get(name, 0) if isinstance(quanta, dict) else quanta
+        same, text = compare_tensors(a, b, rtol, atol, allowed, quanta_share, atol_scale)
         ok = ok and same
         lines.append(f"{'ok  ' if same else 'DIFF'} {name}: {text}")
     return ok, lines
@@ -102,9 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
     parser.add_argument("--atol", type=float, default=None)
+    parser.add_argument(
+        "--quanta", type=int, default=0, help="integer tensors: allowed difference (default 0)"
+    )
+    parser.add_argument(
+        "--quanta-share",
+        type=float,
+        default=0.0,
+        help="integer tensors: allowed share of values more than 1 apart (default 0)",
+    )
     args = parser.parse_args(argv)
     try:
-        ok, lines = compare_files(args.a, args.b, args.rtol, args.atol)
+        ok, lines = compare_files(
+            args.a, args.b, args.rtol, args.atol, args.quanta, args.quanta_share
+        )
     except (OSError, KeyError) as error:
         print(f"h5compare: error: {error}", file=sys.stderr)
         return 2

@@ -32,7 +32,11 @@ def run_value_test(
     out_dir: str | Path,
     rtol: float = h5compare.DEFAULT_RTOL,
     seed: int = 0,
+    quanta: int | dict[str, int] = 0,
+    quanta_share: float = 0.0,
+    atol_scale: float = h5compare.ATOL_SCALE,
 ) -> tuple[bool, list[str]]:
+    """``quanta``: integer outputs may differ by that many quanta (a dict: per output name)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # custom ops LiteRT cannot run are cut out of both models (verify.runnable_pair)
@@ -52,7 +56,12 @@ def run_value_test(
             out_dir / f"{stem}.opt.h5", output_names, verify.run(optimized, inputs)
         )
         same, lines = h5compare.compare_files(
-            out_dir / f"{stem}.expected.h5", out_dir / f"{stem}.opt.h5", rtol
+            out_dir / f"{stem}.expected.h5",
+            out_dir / f"{stem}.opt.h5",
+            rtol,
+            quanta=quanta,
+            quanta_share=quanta_share,
+            atol_scale=atol_scale,
         )
         ok = ok and same
         report.extend(f"[{kind}] {line}" for line in lines)

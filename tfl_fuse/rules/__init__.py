@@ -17,6 +17,11 @@ from .preactivation import (
     MoveScaleForward,
     PushShiftBackward,
 )
+from .quantized import (
+    DynamicRangeBnToDepthwise,
+    FoldIntoQuantizedLayer,
+    QuantizedBnToDepthwise,
+)
 from .reorder import MoveBeforeRearrangement
 from .standalone import StandaloneBnToDepthwise
 from .stride import MoveStrideUp
@@ -30,6 +35,8 @@ ALL_RULES: list[Rule] = [
     MergeLinearChain(),
     MoveBeforeRearrangement(),
     FoldIntoPrecedingLayer(),
+    FoldIntoQuantizedLayer(),
+    QuantizedBnToDepthwise(),
     FoldIntoFollowingLayers(),
     MakeGammaPositive(),
     MoveScaleForward(),
@@ -38,6 +45,7 @@ ALL_RULES: list[Rule] = [
     FuseActivation(),
     MoveStrideUp(),
     StandaloneBnToDepthwise(),
+    DynamicRangeBnToDepthwise(),
     EqualizeCrossLayer(),
 ]
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in ALL_RULES}

@@ -14,7 +14,8 @@ Exact when:
 * L has no fused activation, or it is RELU and the map is a pure scale with every s > 0
   (s * relu(y) = relu(s * y)); then the op may itself carry NONE, RELU or RELU6;
 * L's output has no other consumer and is not a graph output;
-* weights and bias are float32 constants (quantized and float16 weights are left alone);
+* weights and bias are float32 constants (float16 weights arrive as float32 ones, see
+  float16.py; quantized weights belong to quantized.py);
 * the constant is per-channel (broadcasts along the channel axis only);
 * every folded value is finite.
 A missing bias is created (TRANSPOSE_CONV then needs op version >= 3).

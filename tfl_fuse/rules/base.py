@@ -85,6 +85,7 @@ class Rule:
     default: bool = True
     # on by default when a quantizer comes next (--target int8 or dynamic); None: as ``default``
     int8_default: bool | None = None
+    quantized: bool = False  # reads and writes quantized tensors (scales, zero points, int bias)
 
     def is_default(self, target: str = "float") -> bool:
         if self.approximate:

@@ -72,6 +72,34 @@ def require_representable_bias(scale: np.ndarray, shift: np.ndarray) -> None:
         )
 
 
+def become_depthwise(
+    graph: Graph, last: Table, data: int, scale: np.ndarray, shift: np.ndarray
+) -> None:
+    """Turn ``last`` (the pair's last op) into a float DEPTHWISE_CONV_2D 1x1 reading ``data``:
+    weights ``scale``, bias ``shift``, the op's own fused activation and output."""
+    channels = len(scale)
+    name = graph.name(last.outputs[0])
+    weights = graph.add_constant(
+        f"{name}/dw_weights", scale.reshape(1, 1, 1, channels).astype(np.float32)
+    )
+    bias = graph.add_constant(f"{name}/dw_bias", shift.astype(np.float32))
+    activation = ACTIVATIONS[fused_activation(last)]
+    graph.set_op_type(last, "DEPTHWISE_CONV_2D", 1)
+    last.builtinOptions = Table(
+        "DepthwiseConv2DOptions",
+        padding=1,
+        strideW=1,
+        strideH=1,
+        depthMultiplier=1,
+        fusedActivationFunction=activation,
+        dilationWFactor=1,
+        dilationHFactor=1,
+    )
+    graph.replace_input(last, 0, data)
+    graph.replace_input(last, 1, weights)
+    graph.append_input(last, bias)
+
+
 class StandaloneBnToDepthwise(Rule):
     name = "standalone_bn_to_depthwise"
     summary = "a MUL -> ADD pair that cannot fold becomes one DEPTHWISE_CONV_2D 1x1 (weights s, bias t); with --target int8 also a lone per-channel MUL or ADD"
@@ -126,27 +154,7 @@ class StandaloneBnToDepthwise(Rule):
             pair = [o for o in (mul, add) if o is not None]
             labels = self.labels(graph, pair)
             what = " and ".join(o.opcode.name for o in pair)
-            channels = len(scale)
-            name = graph.name(last.outputs[0])
-            weights = graph.add_constant(
-                f"{name}/dw_weights", scale.reshape(1, 1, 1, channels).astype(np.float32)
-            )
-            bias = graph.add_constant(f"{name}/dw_bias", shift.astype(np.float32))
-            activation = ACTIVATIONS[fused_activation(last)]
-            graph.set_op_type(last, "DEPTHWISE_CONV_2D", 1)
-            last.builtinOptions = Table(
-                "DepthwiseConv2DOptions",
-                padding=1,
-                strideW=1,
-                strideH=1,
-                depthMultiplier=1,
-                fusedActivationFunction=activation,
-                dilationWFactor=1,
-                dilationHFactor=1,
-            )
-            graph.replace_input(last, 0, affine.data)
-            graph.replace_input(last, 1, weights)
-            graph.append_input(last, bias)
+            become_depthwise(graph, last, affine.data, scale, shift)
             if len(pair) == 2:
                 graph.remove_op(mul)
             self.rewrote(graph, ctx, labels, f"{what} became one DEPTHWISE_CONV_2D 1x1")
