@@ -23,9 +23,10 @@ Figures per quantized variant:
   the XNNPACK delegate, as deployed);
 * XNNPACK partitions (delegate nodes in the interpreter's graph) and the ops left to LiteRT's
   own kernels (the ops no partition covers);
-* latency: XNNPACK, 1 thread, median of interleaved invokes, the order of the variants
-  reversed every other round; noise: |1 - ratio| of two interpreters of the same model (a)
-  measured the same way (an A/A test).
+* latency: XNNPACK, 1 thread, median of interleaved invokes (at least 50 rounds and 2 s), the
+  order of the variants reversed every other round; noise: |1 - ratio| of two interpreters of
+  the same model (a) measured the same way (an A/A test). The machine may be shared: a run
+  with more than 3% A/A spread is repeated (up to 3 attempts) and the quietest one kept.
 
 Calibration uses 32 inputs, evaluation 64 others (different seeds): smooth synthetic images
 (upsampled low-resolution noise plus a few low-frequency sinusoids) scaled to the model's input
@@ -86,6 +87,7 @@ MEDIAPIPE_MODELS = {
 }
 NORMALIZATIONS = ["dequantize_float16_weights", "add_signature_def"]
 CALIBRATION_SEED, EVALUATION_SEED = 1, 2
+NOISY, ATTEMPTS = 0.03, 3  # an A/A latency spread above 3% is measured again, up to 3 times
 RECIPES = {
     "static_channel": "static int8, per-channel weights",
     "dynamic": "dynamic range (int8 weights, float activations)",
@@ -344,8 +346,15 @@ def partitions(model: bytes) -> tuple[int, dict[str, int]]:
     return len(delegates), dict(sorted(left.items()))
 
 
-def latencies(models: dict[str, bytes], image: np.ndarray, rounds: int) -> dict[str, Any]:
-    """Median ms per model (XNNPACK, 1 thread), interleaved; plus an A/A noise estimate."""
+def latencies(
+    models: dict[str, bytes], image: np.ndarray, rounds: int, seconds: float = 2.0
+) -> dict[str, Any]:
+    """Median ms per model (XNNPACK, 1 thread), interleaved; plus an A/A noise estimate.
+
+    At least ``rounds`` rounds and ``seconds`` of measuring. The machine is shared, so a run
+    whose A/A spread exceeds ``NOISY`` is measured again (up to ``ATTEMPTS`` times) and the
+    least noisy attempt is kept; its spread is what the tables report.
+    """
     names = list(models)
     twin = names[0] + "'"
     order = [*names, twin]
@@ -353,56 +362,89 @@ def latencies(models: dict[str, bytes], image: np.ndarray, rounds: int) -> dict[
     for name in order:
         interps[name] = verify.interpreter(models[name.rstrip("'")], threads=1, delegate=True)
         set_input(interps[name], image)
-    for _ in range(3):
-        for name in order:
-            interps[name].invoke()
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for i in range(rounds):
-        for name in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            interps[name].invoke()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    return {
-        "ms": {name: median[name] for name in names},
-        "noise": abs(1.0 - median[names[0]] / median[twin]),
-    }
+    best: dict[str, Any] = {}
+    for attempt in range(ATTEMPTS):
+        for _ in range(3):
+            for name in order:
+                interps[name].invoke()
+        times: dict[str, list[float]] = {name: [] for name in order}
+        start = time.perf_counter()
+        i = 0
+        while i < rounds or (time.perf_counter() - start < seconds and i < 20 * rounds):
+            for name in order if i % 2 == 0 else order[::-1]:
+                begin = time.perf_counter()
+                interps[name].invoke()
+                times[name].append(time.perf_counter() - begin)
+            i += 1
+        median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        result = {
+            "ms": {name: median[name] for name in names},
+            "noise": abs(1.0 - median[names[0]] / median[twin]),
+            "rounds": i,
+            "attempts": attempt + 1,
+        }
+        if not best or result["noise"] < best["noise"]:
+            best = result
+        if best["noise"] <= NOISY:
+            break
+    return best
 
 
 # ----------------------------------------------------------------------------- one model
 
 
 def bench_model(
-    name: str, original: bytes, trained: bool, value_range, rounds: int
+    name: str, original: bytes, trained: bool, value_range, rounds: int, seeds: int = 1
 ) -> dict[str, Any]:
+    """Every figure of one model. With ``seeds`` > 1 the errors are the mean over that many
+    calibration/evaluation seed pairs, and each variant also gets its x(a) per seed pair."""
     start = time.perf_counter()
     shape = tuple(int(d) for d in verify.interpreter(original).get_input_details()[0]["shape"])
-    calibration = smooth_images(shape, 32, CALIBRATION_SEED, value_range)
-    evaluation = smooth_images(shape, 64, EVALUATION_SEED, value_range)
     variants = float_variants(original, trained)
     base = variants["static_channel"]["a"]
-    reference = outputs_for(base, evaluation, delegate=False)
+    pairs = [(CALIBRATION_SEED + 2 * k, EVALUATION_SEED + 2 * k) for k in range(seeds)]
+    calibrations = [smooth_images(shape, 32, c, value_range) for c, _ in pairs]
+    evaluations = [smooth_images(shape, 64, e, value_range) for _, e in pairs]
+    references = [outputs_for(base, images, delegate=False) for images in evaluations]
     _, output_names = verify.output_names(base)
     result: dict[str, Any] = {
         "input_shape": list(shape),
         "input_range": list(value_range),
         "outputs": output_names,
+        "seed_pairs": pairs,
         "recipes": {},
     }
     for recipe_name, models in variants.items():
         rows: dict[str, Any] = {}
         quantized: dict[str, bytes] = {}
+        per_seed: dict[str, list[list[float]]] = {}
         for variant, model in models.items():
             try:
-                quantized[variant] = quantize(model, recipe_name, calibration)
+                for k in range(seeds):
+                    q = quantize(model, recipe_name, calibrations[k])
+                    quantized.setdefault(variant, q)  # the first seed's model is timed
+                    outputs = outputs_for(q, evaluations[k], True)
+                    per_seed.setdefault(variant, []).append(relative_errors(references[k], outputs))
             except Exception as error:  # a figure, not a failure: report what the quantizer said
                 rows[variant] = {"error": f"quantizer: {type(error).__name__}: {error}"[:300]}
+                quantized.pop(variant, None)
                 continue
-            errors = relative_errors(reference, outputs_for(quantized[variant], evaluation, True))
             count, left = partitions(quantized[variant])
-            rows[variant] = {"errors": errors, "partitions": count, "undelegated": left}
+            rows[variant] = {
+                "errors": np.mean(per_seed[variant], axis=0).tolist(),
+                "errors_per_seed": per_seed[variant],
+                "partitions": count,
+                "undelegated": left,
+            }
+        if "a" in per_seed:
+            for variant, row in rows.items():
+                if variant in per_seed:
+                    row["ratio_per_seed"] = [
+                        max(e / max(b, 1e-12) for e, b in zip(ev, ea, strict=True))
+                        for ev, ea in zip(per_seed[variant], per_seed["a"], strict=True)
+                    ]
         if quantized:
-            timing = latencies(quantized, evaluation[0], rounds)
+            timing = latencies(quantized, evaluations[0][0], rounds)
             for variant, ms in timing["ms"].items():
                 rows[variant]["ms"] = ms
             noise = timing["noise"]
@@ -417,7 +459,7 @@ def bench_model(
     except tfl_fuse.VerificationError as error:
         verified = {"match": False, "summary": error.result["summary"]}
     floats = {"b": variants["static_channel"]["b"], "c": variants["static_channel"]["c"]}
-    timing = latencies(floats, evaluation[0], rounds)
+    timing = latencies(floats, evaluations[0][0], rounds)
     result["float"] = {"verify": verified, "ms": timing["ms"], "noise": timing["noise"]}
     result["seconds"] = time.perf_counter() - start
     return result
@@ -434,6 +476,12 @@ def worst_ratio(rows: dict[str, Any], variant: str) -> float | None:
     return max(e / max(b, 1e-12) for e, b in zip(v["errors"], a["errors"], strict=True))
 
 
+def seed_range(rows: dict[str, Any], variant: str) -> str:
+    """ " (0.66-0.76)": the lowest and highest x(a) over the seed pairs, when there are several."""
+    ratios = rows.get(variant, {}).get("ratio_per_seed", [])
+    return f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, one row each: (model, target, measured, holds)."""
     checks: list[dict[str, Any]] = []
@@ -448,7 +496,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         trained = r["trained"]
         static = r["recipes"]["static_channel"]["variants"]
         ratio = worst_ratio(static, "c")
-        fmt = "n/a" if ratio is None else f"{ratio:.3f}x"
+        fmt = "n/a" if ratio is None else f"{ratio:.3f}x{seed_range(static, 'c')}"
         if trained:
             limit = 0.7 if model == "face_detection_short_range" else 1.0
             add(
@@ -489,13 +537,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(
                 model,
                 f"dynamic-range error ({variant}: target={label}) <= (a)",
-                "n/a" if ratio is None else f"{ratio:.3f}x",
+                "n/a" if ratio is None else f"{ratio:.3f}x{seed_range(dynamic, variant)}",
                 None if ratio is None else ratio <= 1.0,
             )
         if trained:
             tensor = r["recipes"]["static_tensor"]["variants"]
             for variant in ("c", "d"):
-                tensor_ratios.setdefault(variant, {})[model] = worst_ratio(tensor, variant)
+                tensor_ratios.setdefault(variant, {})[model] = (
+                    worst_ratio(tensor, variant),
+                    seed_range(tensor, variant),
+                )
         add(
             model,
             "float (c) passes --verify",
@@ -505,15 +556,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for variant, ratios in tensor_ratios.items():
         label = "target=int8" if variant == "c" else "target=int8, weight_granularity=tensor"
         measured = ", ".join(
-            f"{m} {'n/a' if v is None else f'{v:.3f}x'}" for m, v in ratios.items()
+            f"{m} {'n/a' if v is None else f'{v:.3f}x{spread}'}"
+            for m, (v, spread) in ratios.items()
         )
-        known = [v for v in ratios.values() if v is not None]
+        known = [v for v, _ in ratios.values() if v is not None]
         add(
             "trained models",
             f"per-tensor static int8 ({variant}: {label}): <= 0.8x (a) on >= 2 of 3, never worse",
             measured,
             None
-            if len(known) < len(ratios)
+            if len(known) < len(MEDIAPIPE_MODELS)
             else sum(v <= 0.8 for v in known) >= 2 and all(v <= 1.0 for v in known),
         )
     return checks
@@ -535,9 +587,10 @@ def markdown(results: dict[str, Any]) -> str:
         "Variants: (a) the model as given (trained models: only `dequantize_float16_weights` and "
         "`add_signature_def`), (b) tfl_fuse default, (c) `--target int8`, (d) the target made for "
         "the recipe (`--target dynamic`; `--target int8 --weight-granularity tensor`). "
-        "error: per output, mean over 64 smooth synthetic images of mean|q - f| / max|f| "
-        "against the float model (calibration: 32 other images); x(a): error / error of (a), "
-        "worst output; partitions: XNNPACK delegate nodes; undelegated: ops left to LiteRT's "
+        f"error: per output, mean over {results['seeds']} seed pair(s) of the mean over 64 smooth "
+        "synthetic images of mean|q - f| / max|f| against the float model (calibration: 32 "
+        "other images); x(a): error / error of (a), worst output (in brackets: lowest-highest "
+        "over the seed pairs); partitions: XNNPACK delegate nodes; undelegated: ops left to LiteRT's "
         "kernels; ms: XNNPACK, 1 thread, median of interleaved invokes; noise: A/A spread of (a).",
         "",
     ]
@@ -564,7 +617,8 @@ def markdown(results: dict[str, Any]) -> str:
                 speed = rows["a"]["ms"] / row["ms"] if "ms" in rows.get("a", {}) else float("nan")
                 lines.append(
                     f"| {model} | {variant} | {' / '.join(f'{e:.4f}' for e in row['errors'])} | "
-                    f"{'' if ratio is None else f'{ratio:.3f}'} | {row['partitions']} | {left} | "
+                    f"{'' if ratio is None else f'{ratio:.3f}{seed_range(rows, variant)}'} | "
+                    f"{row['partitions']} | {left} | "
                     f"{row['ms']:.2f} | {speed:.3f} |"
                 )
             lines.append(f"| {model} | noise | | | | | | +-{recipe_result['latency_noise']:.1%} |")
@@ -636,6 +690,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=KERAS_SIZE, help="Keras input size")
     parser.add_argument("--rounds", type=int, default=50, help="latency rounds")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="calibration/evaluation seed pairs the errors are averaged over (default 3)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench"))
     parser.add_argument(
         "--fetch-only", action="store_true", help="fetch the mediapipe models and stop"
@@ -646,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {path}")
         return 0
     start = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "models": {}}
+    results: dict[str, Any] = {"machine": machine(), "seeds": args.seeds, "models": {}}
     for name in args.models.split(","):
         if name in MEDIAPIPE_MODELS:
             if not normalizations_available():
@@ -658,7 +718,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[quantbench] {name}: skipped: {why}", flush=True)
                 results["models"][name] = {"skipped": why}
                 continue
-            original = mediapipe_models()[name].read_bytes()
+            try:
+                original = mediapipe_models()[name].read_bytes()
+            except (OSError, subprocess.CalledProcessError, zipfile.BadZipFile) as error:
+                why = f"cannot fetch the mediapipe {MEDIAPIPE_VERSION} wheel: {error}"
+                print(f"[quantbench] {name}: skipped: {why}", flush=True)
+                results["models"][name] = {"skipped": why}
+                continue
             trained, value_range = True, MEDIAPIPE_MODELS[name][1]
         elif name in KERAS_MODELS:
             print(f"[quantbench] {name}: building (cached)", flush=True)
@@ -666,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             trained, value_range = False, KERAS_RANGE
         else:
             parser.error(f"unknown model {name!r}")
-        r = bench_model(name, original, trained, value_range, args.rounds)
+        r = bench_model(name, original, trained, value_range, args.rounds, args.seeds)
         r["trained"] = trained
         results["models"][name] = r
     results["seconds"] = time.perf_counter() - start
