@@ -80,7 +80,7 @@ import numpy as np
 
 from .. import fb, quantsim
 from ..graph import Graph
-from ..model import Table
+from ..model import ModelError, Table
 from .activation_stats import Stats, activation_statistics
 from .backward import layer_bias, scale_along_axis, set_layer_bias
 from .base import Context, Decline, Rule
@@ -463,7 +463,7 @@ class EqualizeCrossLayer(Rule):
             current = bytes(fb.encode(graph.model))
             simulator = quantsim.Simulator(current, ctx.weight_granularity, ctx.input_range)
             errors = simulator.errors(current)
-        except quantsim.SimulationError as error:
+        except (quantsim.SimulationError, ModelError) as error:
             return self._predicted_instead(graph, ctx, f"the int8 simulation failed: {error}")
         note.update(decided_by="simulation")
         # per-channel activation ranges (one calibration draw), for the activation-balanced r
