@@ -353,14 +353,15 @@ class Simulator:
             )
         self.runs = 0
 
-    def errors(self, data: bytes) -> np.ndarray:
+    def errors(self, data: bytes, granularity: str | None = None) -> np.ndarray:
         """[sample, output]: the simulated int8 error of ``data`` (the reference's function),
-        sample by sample over every draw's evaluation inputs."""
+        sample by sample over every draw's evaluation inputs; weights quantized per
+        ``granularity`` (default: the simulator's)."""
         self.runs += 1
         found = []
         for calibration_inputs, evaluation_inputs, reference in self.draws:
             ranges = activation_ranges(data, calibration_inputs)
-            simulated = simulated_model(data, self.granularity, ranges)
+            simulated = simulated_model(data, granularity or self.granularity, ranges)
             found.append(sample_errors(reference, outputs(simulated, evaluation_inputs)))
         return np.concatenate(found)
 

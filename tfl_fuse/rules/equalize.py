@@ -39,10 +39,14 @@ face_landmark: 1.03x-1.12x the int8 error). Two ways to decide, per group:
   outputs is at most 1 - ``MIN_MEASURED_GAIN`` and no output's ratio exceeds 1 + ``NOT_WORSE``
   at two standard errors of the paired per-sample differences. Groups are tried in the order of
   the noise model's predicted gain, each on top of those kept, then all the rest together once
-  (small gains that add up). With one weight scale per channel each group is also tried with r
-  balancing the calibrated activation channels against the consumers' weights (SmoothQuant's
-  balance, alpha = 0.5), and the better of the two is kept. ``make bench-quant`` measures the
-  outcome with ai-edge-quantizer: see the README.
+  (small gains that add up). With one weight scale per channel each group is also tried with
+  the producers' side of the balance taken halfway (geometric mean) between their weight ranges
+  and the calibrated activation ranges of the tensor between (as SmoothQuant balances
+  activations against weights), and the better of the two is kept, but only when a per-tensor
+  quantizer would not be made more than ``PER_TENSOR_SAFETY`` worse by it (balancing towards
+  activations spreads the producers' channels, which per-tensor weights pay for: 6x the error
+  on face_detection_short_range without this check). ``make bench-quant`` measures the outcome
+  with ai-edge-quantizer: see the README.
 * predicted (``--equalize predict``; ``auto`` when the trials would cost more than
   ``SIMULATION_BUDGET``, and when the simulation cannot run): a group is equalized where a model
   of the quantization noise at the consumers' outputs predicts a gain of at least ``MIN_GAIN``.
@@ -106,12 +110,16 @@ MAX_TENSORS = 512  # a group larger than this is left alone (the search stays li
 # simulated, the noise model's most promising first.
 MIN_MEASURED_GAIN = 0.05
 NOT_WORSE = 0.01  # no output's error ratio may exceed 1 + this at 2 standard errors
+# The activation balance (per-channel weights) is used only where a per-tensor quantizer would
+# not make any output more than this much worse (simulated) than without the group
+PER_TENSOR_SAFETY = 1.1
 MAX_TRIALS = 64
 # --equalize auto: simulate when the trials cost at most this many G multiply-adds (about 75 s on
 # one core of the bench machine); larger models are decided by the noise model
 SIMULATION_BUDGET = 500.0
 # How a measured trial chooses r: equal weight ranges of the two layers (Nagel), or the tensor
-# between against the consumers' weights (calibrated activation ranges; SmoothQuant's balance)
+# between against the consumers' weights (the producers' side halfway between their weight
+# ranges and the calibrated activation ranges)
 BALANCES = {
     "weights": lambda ranges: None,
     "activations": lambda ranges: ranges,
@@ -510,6 +518,16 @@ class EqualizeCrossLayer(Rule):
                     f"{_ratios(ratio)} per output)",
                 )
 
+        per_tensor: list[np.ndarray | None] = [None]  # errors of `current`, per-tensor weights
+
+        def safe_per_tensor(data: bytes) -> bool:
+            """Per-channel weights were promised, but a per-tensor quantizer must not suffer
+            much either: the activation balance can spread a producer's channels far apart."""
+            if per_tensor[0] is None:
+                per_tensor[0] = simulator.errors(current, "tensor")
+            ratio, _ = quantsim.compare(simulator.errors(data, "tensor"), per_tensor[0])
+            return bool(np.max(ratio) <= PER_TENSOR_SAFETY)
+
         count = 0
         left: list[tuple[int, np.ndarray]] = []  # groups not kept alone, and their ratios
         for _, _, tensor in candidates:
@@ -517,12 +535,16 @@ class EqualizeCrossLayer(Rule):
                 (result, balance)
                 for balance in balances
                 if (result := trial([tensor], balance)) is not None
+                and (
+                    balance != "activations" or not better(result[2]) or safe_per_tensor(result[0])
+                )
             ]
             if not results:
                 continue
             result, balance = min(results, key=lambda rb: float(np.mean(rb[0][2][0])))
             if better(result[2]):
                 current, errors = result[0], result[1]
+                per_tensor[0] = None
                 keep([tensor], balance, result[2])
                 count += 1
             else:
@@ -532,7 +554,11 @@ class EqualizeCrossLayer(Rule):
             rest = [tensor for tensor, _ in left]
             for balance in balances:
                 result = trial(rest, balance)
-                if result is not None and better(result[2]):
+                if (
+                    result is not None
+                    and better(result[2])
+                    and (balance != "activations" or safe_per_tensor(result[0]))
+                ):
                     current, errors = result[0], result[1]
                     keep(rest, balance, result[2])
                     count += len(left)
@@ -610,9 +636,9 @@ def plan_group(
     """({layer: (weights, bias or None)}, predicted gain); None below ``min_gain``; or Decline.
 
     ``activation_range``: calibrated max |x| per channel of the tensors the consumers read; with
-    it, r balances the activation channel against the consumers' weights (r[c] =
-    sqrt(max|x[c]| / range2[c]), as SmoothQuant's alpha = 0.5) instead of the two layers'
-    weights (Nagel). With one weight scale per channel the producers' weights do not care, and
+    it, the producers' side of the balance is the geometric mean of their weight range and the
+    calibrated activation range of the channel (r[c] = sqrt(sqrt(range1[c] * max|x[c]|) /
+    range2[c])) instead of the weight range alone (Nagel). With one weight scale per channel the producers' weights do not care, and
     the tensor between is what one int8 scale must cover.
     """
     try:
@@ -662,13 +688,15 @@ def plan_group(
         for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=(0, 2))):
             range2[k] = max(range2.get(k, 0.0), value)
     if activation_range is not None:
-        range1 = {}
+        measured: dict[int, float] = {}
         for side in consumers:
             found = activation_range.get(side.tensor)
             if found is None or len(found) != len(side.classes):
                 return None
             for k, value in zip(side.classes.tolist(), found.tolist()):
-                range1[k] = max(range1.get(k, 0.0), value)
+                measured[k] = max(measured.get(k, 0.0), value)
+        # halfway (geometric mean) between the producers' weights and the activations
+        range1 = {k: float(np.sqrt(range1.get(k, 0.0) * measured.get(k, 0.0))) for k in range1}
     r = {}
     for k in set(range1) | set(range2):
         a, b = range1.get(k, 0.0), range2.get(k, 0.0)
