@@ -180,3 +180,11 @@ def test_cli_equalize_options(outlier_model, tmp_path, capsys):
         cli.main([*argv[:2], "--target", "int8", "--input-range", "1,0"])
     assert exit_info.value.code == 2
     assert "LOW < HIGH" in capsys.readouterr().err
+
+
+def test_verify_allows_the_rounding_of_equalized_weights(outlier_model):
+    _, report = tfl_fuse.optimize(outlier_model, target="int8", verify=True)
+    assert any(r["rule"] == "equalize_cross_layer" for r in report["rewrites"])
+    assert report["verify"]["match"] and report["verify"]["tolerance"] == 1e-4
+    _, report = tfl_fuse.optimize(outlier_model, verify=True)  # no equalization: 1e-5
+    assert report["verify"]["tolerance"] == 1e-5

@@ -208,6 +208,12 @@ def _tolerances(tolerance: float, report: dict[str, Any] | None = None) -> dict[
         from .verify import FLOAT16_TOLERANCE
 
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
+    if report is not None and any(
+        entry["rule"] == "equalize_cross_layer" for entry in report.get("rewrites", ())
+    ):
+        from .verify import EQUALIZE_TOLERANCE
+
+        tolerance = max(tolerance, EQUALIZE_TOLERANCE)
     return {"rtol": tolerance, "atol_scale": tolerance}
 
 

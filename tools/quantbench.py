@@ -425,7 +425,7 @@ def bench_model(
         print(f"[quantbench] {name}: {recipe_name} done ({time.perf_counter() - start:.0f} s)")
     # The float (c) model: exact (verify), and its float latency against the default output (b).
     try:
-        _, report = tfl_fuse.optimize(original, target="int8", verify=True)
+        _, report = tfl_fuse.optimize(original, target="int8", verify=True, input_range=value_range)
         verified = {"match": True, "summary": report["verify"]["summary"]}
     except tfl_fuse.VerificationError as error:
         verified = {"match": False, "summary": error.result["summary"]}
