@@ -8,6 +8,7 @@ a buffer or tensor shared with another user is never changed in place.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -146,7 +147,7 @@ class Graph:
             raise ModelError(f"tensor {t.name!r}: constants of type {t.type} are not supported")
         data = self.model.buffers[t.buffer].data
         shape = [int(d) for d in (t.shape or [])]
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if data is None or len(data) != count * dtype.itemsize:
             raise ModelError(
                 f"tensor {t.name!r}: buffer holds {0 if data is None else len(data)} bytes, "

@@ -47,6 +47,7 @@ from .predicates import (
     require_float32,
     require_float_constant,
     require_single_consumer,
+    scaled_float32,
     set_fused_activation,
 )
 
@@ -76,9 +77,7 @@ def scaled_weights(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.ndar
     rows = max(1, FOLD_CHUNK_VALUES // max(1, weights[0].size))  # layer weights have rank >= 2
     for start in range(0, len(weights), rows):
         part = slice(start, start + rows)
-        chunk = weights[part].astype(np.float64) * (factors[part] if axis == 0 else factors)
-        require_finite(chunk)
-        result[part] = chunk
+        result[part] = scaled_float32(weights[part], factors[part] if axis == 0 else factors)
         _release_mapped_pages(weights[part])
     return result
 
@@ -89,6 +88,8 @@ def _release_mapped_pages(array: np.ndarray) -> None:
     The input is mapped read-only; pages read once stay counted in the process's memory
     until released, so a layer of N GB would otherwise cost N GB more than its result.
     """
+    if array.nbytes < mmap.PAGESIZE:
+        return  # not a whole page
     source = array
     while isinstance(source, np.ndarray) and source.base is not None:
         source = source.base
