@@ -562,8 +562,9 @@ class _Builder:
         self.prep(4, 0)
         self.head -= 4
         table = self.size - self.head
-        entries = [0] * (1 + max((slot for slot, _ in self.slots), default=-1))
-        for slot, position in self.slots:
+        slots = self.slots
+        entries = [0] * (max(slots)[0] + 1 if slots else 0)
+        for slot, position in slots:
             entries[slot] = table - position
         key = (table - self.object_end, *entries)
         vtable = self.vtables.get(key)
@@ -596,11 +597,14 @@ def _zeroed(size: int) -> bytearray | mmap.mmap:
 class _WritePlan:
     """How to write one table type of the target format."""
 
-    __slots__ = ("type_name", "fields", "names", "source_defaults")
+    __slots__ = ("type_name", "fields", "children", "names", "known", "source_defaults")
 
     def __init__(self, layout: formats.Layout, source: formats.Layout | None) -> None:
         self.type_name = layout.type_name
         self.names = layout.names
+        # what a table may hold without a look at each field: its fields, its type, the
+        # label rules give operators
+        self.known = layout.names | {"_type", "_origin"}
         # Fields the target lacks may be present in a table only at the source's defaults.
         self.source_defaults = {f.name: f.default for f in source.fields} if source else {}
         fields = []
@@ -615,6 +619,12 @@ class _WritePlan:
                 (f.name, f.kind, f.slot, f.default, pack, width, f.type_name, f.type_slot)
             )
         self.fields = tuple(fields)
+        # the fields written before the table itself: strings, vectors, tables
+        self.children = tuple(
+            (name, kind, pack, width, type_name)
+            for name, kind, _, _, pack, width, type_name, _ in fields
+            if kind != SCALAR
+        )
 
 
 class _Writer:
@@ -626,6 +636,7 @@ class _Writer:
         self.builder = _Builder(size)
         self.plans: dict[str, _WritePlan] = {}
         self.holes: list[tuple[int, np.ndarray, int | None]] = []
+        self.buffer_data_slot = fmt.layout("Buffer").field("data").slot
 
     def plan(self, type_name: str, where: str) -> _WritePlan:
         plan = self.plans.get(type_name)
@@ -638,16 +649,13 @@ class _Writer:
         return plan
 
     def table(self, table: Table, where: str) -> int:
-        plan = self.plan(table._type, where)
+        plan = self.plans.get(table._type) or self.plan(table._type, where)
         values = table.__dict__
-        extra = values.keys() - plan.names
-        if len(extra) > 1 or (extra and "_type" not in extra):
-            self.check_unknown(plan, values, extra, where)
+        if not plan.known.issuperset(values):
+            self.check_unknown(plan, values, values.keys() - plan.names, where)
         builder = self.builder
         children = []
-        for name, kind, _, _, pack, width, type_name, _ in plan.fields:
-            if kind == SCALAR:
-                continue
+        for name, kind, pack, width, type_name in plan.children:
             value = values.get(name)
             if value is None:
                 continue
@@ -715,9 +723,9 @@ class _Writer:
     def buffer(self, entry: _BufferEntry) -> int:
         """A Buffer table; its data 16-byte aligned, or after the flatbuffer (offset/size)."""
         builder = self.builder
-        layout = self.fmt.layout("Buffer")
         data = entry.data
         if entry.file_offset is not None:
+            layout = self.fmt.layout("Buffer")
             builder.start()
             builder.scalar(layout.field("offset").slot, _PACK_U64, 8, entry.file_offset)
             builder.scalar(layout.field("size").slot, _PACK_U64, 8, len(data))
@@ -737,7 +745,7 @@ class _Writer:
             position = builder.offset()
         builder.start()
         if position is not None:
-            builder.reference(layout.field("data").slot, position)
+            builder.reference(self.buffer_data_slot, position)
         return builder.end()
 
 

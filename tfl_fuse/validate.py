@@ -135,14 +135,43 @@ def _check_index(value: int, limit: int, what: str, allow_absent: bool = False) 
         raise ModelError(f"{what} is {value}, out of range [0, {limit})")
 
 
-def _subgraph_references(options: Table | None) -> list[tuple[str, int]]:
+def _subgraph_references(options: Table | None, fmt: formats.Format) -> list[tuple[str, int]]:
     if options is None:
         return []
-    return [
-        (name, value)
-        for name, value in options.fields().items()
-        if isinstance(value, int) and (name.endswith("SubgraphIndex") or name == "subgraph")
-    ]
+    references = []
+    for name in _reference_fields(fmt, options._type) or options.fields():
+        value = options.get(name)
+        if isinstance(value, int) and (name.endswith("SubgraphIndex") or name == "subgraph"):
+            references.append((name, value))
+    return references
+
+
+@cache
+def _reference_fields(fmt: formats.Format, table: str) -> tuple[str, ...] | None:
+    """The fields of an options table that may name a subgraph (None: the schema lacks it)."""
+    layout = fmt.layout(table)
+    if layout is None:
+        return None
+    return tuple(
+        f.name for f in layout.fields if f.name.endswith("SubgraphIndex") or f.name == "subgraph"
+    )
+
+
+def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """numpy's broadcast of ``shapes`` (ValueError where they do not broadcast), without
+    numpy's per-call cost; ranks numpy cannot hold go to numpy to fail as it does."""
+    rank = max((len(shape) for shape in shapes), default=0)
+    if rank > 32:
+        return np.broadcast_shapes(*shapes)
+    result = [1] * rank
+    for shape in shapes:
+        for axis, size in enumerate(shape, rank - len(shape)):
+            if size != 1:
+                if result[axis] == 1:
+                    result[axis] = size
+                elif result[axis] != size:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+    return tuple(result)
 
 
 def validate(model: Model) -> None:
@@ -182,7 +211,7 @@ def validate(model: Model) -> None:
             _check_arity(op, subgraph.tensors, model.buffers, op_where)
             _check_options(op, expected_options.get(op.opcode.name), op_where, fmt)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
-                for name, value in _subgraph_references(options):
+                for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         _check_acyclic(subgraph, where)
     for signature in model.signature_defs:
@@ -343,7 +372,7 @@ def _check_arity(op: Table, tensors: list[Table], buffers: list[Table], where: s
     if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
-            shape = np.broadcast_shapes(*shapes)
+            shape = _broadcast_shape(shapes)
         except ValueError:
             raise ModelError(
                 f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
