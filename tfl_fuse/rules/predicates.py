@@ -6,7 +6,9 @@ and raises :class:`Decline` with a reason a user can read (``per_channel_vector`
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,12 +169,37 @@ def require_finite(*arrays: np.ndarray) -> None:
 SCALE_CHUNK_VALUES = 1 << 16  # float64 values per step: the temporary stays in the CPU cache
 
 
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the pages of the input file that ``array`` (read) maps.
+
+    The input is mapped read-only; pages read once stay counted in the process's memory
+    until released, so a layer of N GB would otherwise cost N GB more than its result.
+    Reading them again later is correct (the kernel maps the file again), only slower.
+    """
+    if array.nbytes < mmap.PAGESIZE:
+        return  # not a whole page
+    source = array
+    while isinstance(source, np.ndarray) and source.base is not None:
+        source = source.base
+    mapped = source.obj if isinstance(source, memoryview) else source
+    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
+        return
+    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - base
+    page = mmap.PAGESIZE
+    first, end = -(-start // page) * page, (start + array.nbytes) // page * page
+    if end > first:
+        with contextlib.suppress(OSError, ValueError):
+            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
 def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """float32(weights * factors): each product computed in float64 and rounded once.
 
     ``factors`` broadcasts to the shape of ``weights``. Declines (as require_finite) where a
     product would not be finite or would overflow float32. It works a few rows of axis 0 at
-    a time, so the float64 products never exist all at once.
+    a time, so the float64 products never exist all at once, and releases the input pages it
+    has read: a 2.4 GB layer needs its float32 result and little more.
     """
     if weights.ndim == 0 or weights.size <= SCALE_CHUNK_VALUES:
         product = np.multiply(weights, factors, dtype=np.float64)
@@ -188,6 +215,7 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
         np.multiply(weights[part], factors[part] if per_row else factors, out=product)
         require_finite(product)
         result[part] = product
+        release_mapped_pages(weights[part])
     return result
 
 
