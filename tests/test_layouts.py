@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tfl_fuse import fb, formats
-from tfl_fuse.model import Table
+from tfl_fuse.model import ModelError, Table
 
 FORMATS = [formats.TFLITE, formats.CIRCLE]
 RANGES = {
@@ -157,3 +157,27 @@ def test_every_table_reads_and_writes_as_the_object_api_does(fmt):
             writer = fb._Writer(fmt, fmt, 1 << 12)
             written = writer.builder.finish(writer.table(decoded, type_name), fmt.identifier)
             assert bytes(written) == expected_bytes, type_name
+
+
+def test_vectors_are_written_as_the_schema_types_them():
+    """A vector given with another numpy dtype is converted (not written as raw bytes of its
+    own type); a value the schema's type cannot hold is an error, not a silent wrap."""
+    fmt = formats.TFLITE
+    quantization = Table(
+        "QuantizationParameters",
+        scale=np.array([0.5, 0.25]),  # float64: the schema stores float32
+        zeroPoint=[0, 1],
+    )
+    writer = fb._Writer(fmt, fmt, 1 << 12)
+    written = bytes(writer.builder.finish(writer.table(quantization, "here"), fmt.identifier))
+    reader = fb._Reader(fmt, written)
+    decoded = reader.table(fb._U32(written, 0)[0], reader.plan("QuantizationParameters"))
+    assert decoded.scale.dtype == np.float32 and decoded.scale.tolist() == [0.5, 0.25]
+    assert decoded.zeroPoint.dtype == np.int64 and decoded.zeroPoint.tolist() == [0, 1]
+    for bad in (
+        Table("Tensor", shape=[2**31]),
+        Table("Tensor", shape=np.array([2**40])),
+        Table("QuantizationParameters", scale=np.array([1e39])),
+    ):
+        with pytest.raises(ModelError, match="does not fit"):
+            fb._Writer(fmt, fmt, 1 << 12).table(bad, "here")

@@ -779,15 +779,13 @@ class _Writer:
             try:
                 payload = _list_struct(dtype.char, len(value))(*value)
             except struct.error:
-                raise ModelError(
-                    f"{where}: a value of {name} is out of range for {dtype.name}"
-                ) from None
+                raise ModelError(f"{where}: a value of {name} does not fit {dtype.name}") from None
             return self.builder.vector(payload, len(value), width)
         array = np.asarray(value)
         if array.ndim != 1:
             raise ModelError(f"{where}: {name} is not a vector")
         if array.dtype != dtype:
-            array = array.astype(dtype)
+            array = _converted(array, dtype, f"{where}: a value of {name}")
         return self.builder.vector(
             memoryview(np.ascontiguousarray(array)).cast("B"), len(array), width
         )
@@ -822,6 +820,20 @@ class _Writer:
 
 
 _PACK_U64 = struct.Struct("<Q").pack_into
+
+
+def _converted(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``array`` as the schema's element type; ModelError where a value does not fit it."""
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below
+        converted = array.astype(dtype)
+    if dtype.kind in "iu" and array.size:
+        limits = np.iinfo(dtype)
+        if array.dtype.kind not in "iub" or array.min() < limits.min or array.max() > limits.max:
+            if not np.array_equal(converted, array):
+                raise ModelError(f"{what} does not fit {dtype.name}")
+    elif dtype.kind == "f" and np.any(np.isinf(converted) & ~np.isinf(array)):
+        raise ModelError(f"{what} does not fit {dtype.name}")
+    return converted
 
 
 def _is_unset(value: Any, default: Any) -> bool:

@@ -12,7 +12,6 @@ in words.
 from __future__ import annotations
 
 import importlib
-import inspect
 import linecache
 import pkgutil
 import re
@@ -117,7 +116,8 @@ def _field_from_accessor(type_name: str, name: str, default: Any, accessor: type
     if offset is None:
         raise LookupError(f"{type_name}.{name}: no vtable offset in its accessor")
     slot = (int(offset.group(1)) - 4) // 2
-    is_vector = "j" in inspect.signature(method).parameters  # Shape(self, j): one element
+    code = method.__code__
+    is_vector = "j" in code.co_varnames[: code.co_argcount]  # Shape(self, j): one element
     get, obj = _GET.search(source), _OBJECT.search(source)
     if is_vector and get is not None and get.group(2) == "a":
         return Field(name, slot, VECTOR, SCALAR_CODES[get.group(1)])
