@@ -619,8 +619,8 @@ class _Builder:
     def end(self) -> int:
         """Finish the table: its vtable, shared with an equal one written before."""
         self.prep(4, 0)
-        head = self.head - 4
-        table = self.size - head
+        self.head -= 4
+        table = self.size - self.head
         slots = self.slots
         entries = [0] * (max(slots)[0] + 1 if slots else 0)
         for slot, position in slots:
@@ -629,11 +629,12 @@ class _Builder:
         vtable = self.vtables.get(key)
         if vtable is None:
             n = len(entries) + 2
-            head -= 2 * n
-            _vtable_struct(n)(self.bytes, head, 2 * n, *key)
-            vtable = self.vtables[key] = self.size - head
+            if self.head < 2 * n:
+                self.grow(2 * n)
+            self.head -= 2 * n
+            _vtable_struct(n)(self.bytes, self.head, 2 * n, *key)
+            vtable = self.vtables[key] = self.size - self.head
         _PACK_I32(self.bytes, self.size - table, vtable - table)
-        self.head = head
         return table
 
     def finish(self, root: int, identifier: bytes) -> memoryview:
