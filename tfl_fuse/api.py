@@ -184,7 +184,7 @@ def _run(
     weight_granularity: str,
     stop_after: int | None = None,
 ) -> tuple[fb.Encoded, dict[str, Any]]:
-    with fb.collector_paused():  # many-op models: its passes cost a sixth of the run
+    with fb.collector_paused():  # on many-op models its passes cost a sixth of the run
         model = fb.decode(data)
         source_format = model.format
         fb.check_size(model, output_format)  # before any rule runs
