@@ -255,7 +255,7 @@ def decode(data: bytes | bytearray | memoryview) -> Model:
         try:
             root = reader.root()
             buffer_positions = _buffer_positions(reader, root_offset)
-        except ModelError:
+        except (ModelError, formats.LayoutError):
             raise
         except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
             raise ModelError(_parse_failure(fmt.name, len(data), error)) from None

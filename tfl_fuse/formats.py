@@ -87,6 +87,12 @@ class Layout:
 # held `data_format` before circle 0.7 (CHANNELS_LAST 0, CHANNELS_FIRST 1).
 LEGACY_FIELDS = {("circle", "SubGraph"): Field("dataFormat", 5, SCALAR, "<b", 0)}
 
+
+class LayoutError(RuntimeError):
+    """The generated code of a schema package is not what :meth:`Format.layout` can read
+    (a new binding, or one installed without its sources): a setup problem, not a bad model."""
+
+
 _OFFSET = re.compile(r"self\._tab\.Offset\((\d+)\)")
 _GET = re.compile(r"self\._tab\.Get\(flatbuffers\.number_types\.(\w+)Flags, (\w) \+")
 _OBJECT = re.compile(r"obj = (\w+)\(\)")
@@ -97,6 +103,11 @@ def _method_source(function: Any) -> str:
     code = function.__code__
     lines = linecache.getlines(code.co_filename)
     start = code.co_firstlineno - 1
+    if start >= len(lines):
+        raise LayoutError(
+            f"{code.co_filename}: no source for {function.__qualname__} (a package installed "
+            "without its .py files?); tfl_fuse reads the tables' layouts from that source"
+        )
     indent = len(lines[start]) - len(lines[start].lstrip())
     body = [lines[start]]
     for line in lines[start + 1 :]:
@@ -110,15 +121,17 @@ def _field_from_accessor(type_name: str, name: str, default: Any, accessor: type
     """Slot and kind of one field, read off its generated accessor method."""
     method = getattr(accessor, name[:1].upper() + name[1:], None)
     if method is None:
-        raise LookupError(f"{type_name}.{name}: no accessor method")
+        raise LayoutError(f"{type_name}.{name}: no accessor method")
     source = _method_source(method)
     offset = _OFFSET.search(source)
     if offset is None:
-        raise LookupError(f"{type_name}.{name}: no vtable offset in its accessor")
+        raise LayoutError(f"{type_name}.{name}: no vtable offset in its accessor")
     slot = (int(offset.group(1)) - 4) // 2
     code = method.__code__
     is_vector = "j" in code.co_varnames[: code.co_argcount]  # Shape(self, j): one element
     get, obj = _GET.search(source), _OBJECT.search(source)
+    if get is not None and get.group(1) not in SCALAR_CODES:
+        raise LayoutError(f"{type_name}.{name}: a scalar type tfl_fuse does not know")
     if is_vector and get is not None and get.group(2) == "a":
         return Field(name, slot, VECTOR, SCALAR_CODES[get.group(1)])
     if is_vector and obj is not None and "Indirect" in source:
@@ -129,12 +142,12 @@ def _field_from_accessor(type_name: str, name: str, default: Any, accessor: type
         return Field(name, slot, STRING)
     if not is_vector and "self._tab.Union(obj, o)" in source:
         if name not in UNION_ENUMS:
-            raise LookupError(f"{type_name}.{name}: a union UNION_ENUMS does not name")
+            raise LayoutError(f"{type_name}.{name}: a union UNION_ENUMS does not name")
         return Field(name, slot, UNION, type_name=UNION_ENUMS[name])
     if not is_vector and obj is not None and "Indirect" in source:
         return Field(name, slot, TABLE, type_name=obj.group(1))
     # Vectors of strings and structs: neither schema has one today.
-    raise LookupError(f"{type_name}.{name}: a field kind tfl_fuse does not read")
+    raise LayoutError(f"{type_name}.{name}: a field kind tfl_fuse does not read")
 
 
 @dataclass(frozen=True)
@@ -170,7 +183,7 @@ class Format:
 
         A fresh object-API instance gives the field names, their order and defaults; each field's
         accessor method gives its vtable slot and kind. Anything the accessors do that this
-        does not recognize raises LookupError, so a new binding fails loudly, not silently.
+        does not recognize raises LayoutError, so a new binding fails loudly, not silently.
         """
         key = ("L", type_name)
         if key not in self._cache:
