@@ -93,7 +93,7 @@ def test_chef_is_deterministic():
         ('inputs = ["x"]\noutputs = = 3\n', "line 2"),
         (
             'inputs = ["x"]\noutputs = ["x"]\noperand = [ { name = "x" } ]\n[expect]\nfird = ["a"]',
-            "expect.fird: unknown key (known in expect: atol_scale, declined, exclude, fired,",
+            "expect.fird: unknown key (known in expect: atol_scale, declined, equalize, exclude,",
         ),
         (
             'inputs = ["x"]\noperand = [ { name = "x" } ]\n[expect]\nfired = []\noutputs = ["x"]',

@@ -21,6 +21,8 @@ def optimize_recipe(recipe_dir):
         exclude=expect.get("exclude"),
         target=expect.get("target", "float"),
         weight_granularity=expect.get("weight_granularity", "channel"),
+        equalize=expect.get("equalize", "auto"),
+        input_range=expect.get("input_range"),
     )
     return data, bytes(out), report, expect
 

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import engine, fb, formats, rules
 from .model import ModelError
 from .report import entry_text
@@ -35,6 +37,9 @@ class VerificationError(Exception):
 # Default --verify tolerance: an output element matches when
 # |optimized - original| <= tolerance * |original| + tolerance * max |original output|.
 DEFAULT_TOLERANCE = 1e-5
+# --target int8: how equalize_cross_layer decides (rules/equalize.py): by simulated int8 error
+# (quantsim.py), by the data-free noise model, or "auto": simulated when it fits a budget
+EQUALIZE_MODES = ("auto", "measure", "predict")
 
 
 class UnknownRuleError(ValueError, KeyError):
@@ -72,6 +77,8 @@ def check_options(
     target: Any = "float",
     weight_granularity: Any = "channel",
     tolerance: Any = DEFAULT_TOLERANCE,
+    equalize: Any = "auto",
+    input_range: Any = None,
 ) -> tuple[list[str] | None, list[str], list[str]]:
     """Validate the public options; ValueError/TypeError name the parameter that is wrong."""
     chosen = _names_argument(rules_to_run, "rules_to_run")
@@ -104,7 +111,22 @@ def check_options(
         raise TypeError(f"tolerance must be a number, not {type(tolerance).__name__}")
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), not {tolerance!r}")
+    if equalize not in EQUALIZE_MODES:
+        raise ValueError(f"equalize must be one of {', '.join(EQUALIZE_MODES)}, not {equalize!r}")
+    if input_range is not None:
+        try:
+            low, high = (float(v) for v in input_range)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"input_range must be None or two numbers (low, high), not {input_range!r}"
+            ) from None
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise ValueError(f"input_range must be finite with low < high, not {input_range!r}")
     return chosen, disabled, patterns
+
+
+def _range(value: Any) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
 
 
 def optimize_image(
@@ -118,13 +140,26 @@ def optimize_image(
     target: str = "float",
     weight_granularity: str = "channel",
     tolerance: float = DEFAULT_TOLERANCE,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     """Like :func:`optimize`, but the output is an :class:`~tfl_fuse.fb.Encoded` image to write."""
     chosen_names, disabled, patterns = check_options(
-        rules_to_run, disable, exclude, output_format, target, weight_granularity, tolerance
+        rules_to_run,
+        disable,
+        exclude,
+        output_format,
+        target,
+        weight_granularity,
+        tolerance,
+        equalize,
+        input_range,
     )
     chosen = rules.select(chosen_names, disabled, target)
-    image, report = _run(data, chosen, patterns, output_format, target, weight_granularity)
+    tuning = {"equalize": equalize, "input_range": _range(input_range)}
+    image, report = _run(
+        data, chosen, patterns, output_format, target, weight_granularity, **tuning
+    )
     if verify:
         from .verify import compare_models
 
@@ -145,6 +180,7 @@ def optimize_image(
                 weight_granularity,
                 seed,
                 tolerance,
+                **tuning,
             )
             if culprit is not None:
                 result["culprit"] = culprit
@@ -183,6 +219,8 @@ def _run(
     target: str,
     weight_granularity: str,
     stop_after: int | None = None,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     with fb.collector_paused():  # on many-op models its passes cost a sixth of the run
         model = fb.decode(data)
@@ -190,7 +228,14 @@ def _run(
         fb.check_size(model, output_format)  # before any rule runs
         normalized = fb.inconsistent_opcodes(model)
         report = engine.run(
-            model, chosen, exclude, target, weight_granularity, stop_after=stop_after
+            model,
+            chosen,
+            exclude,
+            target,
+            weight_granularity,
+            stop_after=stop_after,
+            equalize=equalize,
+            input_range=input_range,
         )
         report["normalized"] = normalized
         written_format = output_format or source_format
@@ -210,6 +255,8 @@ def find_culprit(
     weight_granularity: str,
     seed: int,
     tolerance: float,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> dict[str, Any] | None:
     """The first of ``rewrites`` (a full run's, whose output differs) after which outputs differ.
 
@@ -222,7 +269,15 @@ def find_culprit(
 
     def differs(k: int) -> bool:
         image, report = _run(
-            data, chosen, exclude, output_format, target, weight_granularity, stop_after=k
+            data,
+            chosen,
+            exclude,
+            output_format,
+            target,
+            weight_granularity,
+            stop_after=k,
+            equalize=equalize,
+            input_range=input_range,
         )
         result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance, report))
         return not result["match"]
@@ -252,6 +307,8 @@ def optimize(
     target: str = "float",
     weight_granularity: str = "channel",
     tolerance: float = DEFAULT_TOLERANCE,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Optimize model bytes; return (output bytes, report).
 
@@ -264,6 +321,12 @@ def optimize(
     or "dynamic" (likewise, for dynamic-range quantization: int8 weights, float activations).
     ``weight_granularity``: how that quantizer quantizes weights, "channel" (one scale per output
     channel: TFLite's converter and ai-edge-quantizer by default) or "tensor".
+    ``equalize`` (``target="int8"``): how cross-layer equalization decides which groups to
+    equalize: "measure" (by the int8 error of a quantization simulation on synthetic inputs),
+    "predict" (by a data-free noise model: no interpreter runs, less accurate) or "auto" (the
+    default: measure when the simulation fits a compute budget, else predict).
+    ``input_range``: (low, high) of the values the model's image inputs take, for the synthetic
+    calibration images of that simulation (default (-1, 1)).
     ``verify``: run LiteRT on both models with inputs seeded by ``seed``; an output element
     matches when |optimized - original| <= tolerance * |original| + tolerance * max |original|.
     Raises ModelError for bad input, TypeError/ValueError naming a wrong argument (an unknown
@@ -281,6 +344,8 @@ def optimize(
         target,
         weight_granularity,
         tolerance,
+        equalize,
+        input_range,
     )
     return image.tobytes(), report
 
@@ -427,6 +492,8 @@ def optimize_file(
     target: str = "float",
     weight_granularity: str = "channel",
     tolerance: float = DEFAULT_TOLERANCE,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Optimize the model file ``src`` into ``dst`` (which may be the same path); return the report.
 
@@ -448,6 +515,8 @@ def optimize_file(
             target,
             weight_granularity,
             tolerance,
+            equalize,
+            input_range,
         )
         write_atomically(dst, image, fd)
     report["output"] = str(dst)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 from . import __version__, rules
 from .api import (
     DEFAULT_TOLERANCE,
+    EQUALIZE_MODES,
     VerificationError,
     open_model_file,
     optimize_image,
@@ -131,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
         "per output channel (the converters' default) or per tensor (default: channel)",
     )
     parser.add_argument(
+        "--equalize",
+        choices=EQUALIZE_MODES,
+        default=None,
+        help="with --target int8: decide cross-layer equalization by the int8 error of a "
+        "quantization simulation on synthetic inputs (measure), by a data-free noise model "
+        "(predict: fast, less accurate), or by the simulation when it fits a compute budget "
+        "(auto, the default)",
+    )
+    parser.add_argument(
+        "--input-range",
+        metavar="LOW,HIGH",
+        type=_input_range,
+        default=None,
+        help="with --target int8: the values the model's image inputs take (e.g. 0,1 or -1,1), "
+        "for the synthetic calibration images of --equalize measure (default: -1,1)",
+    )
+    parser.add_argument(
         "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
     )
     parser.add_argument("--dry-run", action="store_true", help="run everything but write no model")
@@ -237,6 +256,8 @@ class Options:
     exclude: list[str]
     target: str
     weight_granularity: str
+    equalize: str
+    input_range: tuple[float, float] | None
     verify: bool
     tolerance: float
     output_format: str | None  # as --output-format says (None: by OUT's suffix, else IN's)
@@ -252,6 +273,8 @@ class Options:
             "target": self.target,
             "weight_granularity": self.weight_granularity,
             "tolerance": self.tolerance,
+            "equalize": self.equalize,
+            "input_range": self.input_range,
         }
 
 
@@ -310,6 +333,15 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
             "--weight-granularity does nothing with --target float (it describes the quantizer "
             "that --target int8 or dynamic prepares for)"
         )
+    for option, value in (("--equalize", args.equalize), ("--input-range", args.input_range)):
+        if value is not None and (
+            args.target != "int8"
+            or "equalize_cross_layer" not in running
+            or "equalize_cross_layer" in disabled
+        ):
+            warnings.append(
+                f"{option} does nothing here (it tunes equalize_cross_layer under --target int8)"
+            )
     if args.tolerance is not None and not args.verify:
         warnings.append("--tolerance does nothing without --verify")
     if args.check and args.dry_run:
@@ -320,11 +352,23 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
         exclude=args.exclude,
         target=args.target,
         weight_granularity=args.weight_granularity or "channel",
+        equalize=args.equalize or "auto",
+        input_range=args.input_range,
         verify=args.verify,
         tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
         output_format=args.output_format,
         warnings=warnings,
     )
+
+
+def _input_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH (two numbers)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise argparse.ArgumentTypeError(f"{text!r}: need finite LOW < HIGH")
+    return low, high
 
 
 def output_format_for(path: str | None, chosen: str | None, warnings: list[str]) -> str | None:

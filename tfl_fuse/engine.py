@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from . import float16
+from . import float16, quantsim
 from .graph import Graph
 from .model import Model, ModelError, Table
 from .rules import Context, Decline, Rule
@@ -25,9 +25,9 @@ def op_counts(model: Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _apply(rule: Rule, graph: Graph, ctx: Context) -> int:
+def _apply(rule: Rule, graph: Graph, ctx: Context, step: str = "apply") -> int:
     try:
-        return rule.apply(graph, ctx)
+        return getattr(rule, step)(graph, ctx)
     except ModelError:
         raise
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as error:
@@ -115,6 +115,8 @@ def run(
     target: str = "float",
     weight_granularity: str = "channel",
     stop_after: int | None = None,
+    equalize: str = "auto",
+    input_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Apply ``rules`` to ``model`` in place until nothing changes; return the report.
 
@@ -125,6 +127,8 @@ def run(
         exclude=[re.compile(p) for p in exclude or []],
         target=target,
         weight_granularity=weight_granularity,
+        equalize=equalize,
+        input_range=input_range,
     )
     before = op_counts(model)
     warnings = unmatched_excludes(model, ctx.exclude)
@@ -166,6 +170,13 @@ def run(
                 break
             if not changed:
                 break
+        if not stopped:
+            try:
+                for rule in rules:  # decisions that need the whole rewritten model (equalize)
+                    if hasattr(rule, "finish"):
+                        _apply(rule, graph, ctx, "finish")
+            except StopRewriting:
+                stopped = True
         if lifted is not None:
             counts = float16.lower(graph, lifted)
             if counts["rewritten"]:
@@ -186,6 +197,17 @@ def run(
         "rules": [rule.name for rule in rules],
         "target": target,
         **({"weight_granularity": weight_granularity} if target != "float" else {}),
+        **(
+            {
+                "equalize": {
+                    "mode": equalize,
+                    "input_range": list(input_range or quantsim.DEFAULT_INPUT_RANGE),
+                    **ctx.memo.get("equalize", {}),
+                }
+            }
+            if target == "int8" and any(rule.name == "equalize_cross_layer" for rule in rules)
+            else {}
+        ),
         "passes": passes,
         **(
             {"float16_constants_rewritten": float16_counts["rewritten"]}

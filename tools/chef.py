@@ -108,7 +108,8 @@ RECIPE_KEYS = {
         "inputs", "outputs", "operand", "operation", "expect",
     },
     "expect": {
-        "rules", "exclude", "target", "weight_granularity", "quanta", "quanta_share", "atol_scale",
+        "rules", "exclude", "target", "weight_granularity", "equalize", "input_range", "quanta",
+        "quanta_share", "atol_scale",
         "ops_after", "fired", "not_fired", "unchanged", "declined", "rtol",
     },
     "expect.declined": {"rule", "reason"},

@@ -67,7 +67,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the quantizer's progress bars
 import kerasmodels  # noqa: E402
 
 import tfl_fuse  # noqa: E402
-from tfl_fuse import rules, verify  # noqa: E402
+from tfl_fuse import quantsim, rules, verify  # noqa: E402
 
 KERAS_MODELS = ("ResNet50V2", "DenseNet121", "MobileNetV2")
 KERAS_SIZE = 224
@@ -103,45 +103,9 @@ MATCHED = {
 # ----------------------------------------------------------------------------- inputs
 
 
-def bilinear(coarse: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A [h, w, c] grid upsampled to [height, width, c] by bilinear interpolation."""
-    rows, cols = coarse.shape[:2]
-    y = np.linspace(0.0, rows - 1, height)
-    x = np.linspace(0.0, cols - 1, width)
-    y0 = np.floor(y).astype(int)
-    x0 = np.floor(x).astype(int)
-    y1 = np.minimum(y0 + 1, rows - 1)
-    x1 = np.minimum(x0 + 1, cols - 1)
-    wy = (y - y0)[:, None, None]
-    wx = (x - x0)[None, :, None]
-    top = coarse[y0][:, x0] * (1 - wx) + coarse[y0][:, x1] * wx
-    bottom = coarse[y1][:, x0] * (1 - wx) + coarse[y1][:, x1] * wx
-    return top * (1 - wy) + bottom * wy
-
-
-def smooth_images(
-    shape: tuple[int, ...], count: int, seed: int, value_range: tuple[float, float]
-) -> list[np.ndarray]:
-    """Seeded smooth images [1, H, W, C] spanning ``value_range``: not white noise.
-
-    Each is upsampled low-resolution noise (a 3x3 to 8x8 grid) plus three sinusoids of 0.5 to 4
-    periods across the image with random per-channel amplitudes.
-    """
-    _, height, width, channels = shape
-    rng = np.random.default_rng(seed)
-    yy, xx = np.meshgrid(np.linspace(0.0, 1.0, height), np.linspace(0.0, 1.0, width), indexing="ij")
-    low, high = value_range
-    images = []
-    for _ in range(count):
-        grid = int(rng.integers(3, 9))
-        image = bilinear(rng.normal(size=(grid, grid, channels)), height, width)
-        for _ in range(3):
-            fy, fx = rng.uniform(0.5, 4.0, 2)
-            wave = np.sin(2 * np.pi * (fy * yy + fx * xx) + rng.uniform(0, 2 * np.pi))
-            image += rng.uniform(0.2, 0.6) * wave[..., None] * rng.uniform(-1, 1, channels)
-        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
-        images.append((low + (high - low) * image)[None].astype(np.float32))
-    return images
+# The bench's images are tfl_fuse's own synthetic calibration images (quantsim.py), drawn with
+# other seeds than the ones --target int8 simulates with.
+smooth_images = quantsim.smooth_images
 
 
 # ----------------------------------------------------------------------------- models
@@ -185,8 +149,13 @@ def keras_model(name: str, size: int = KERAS_SIZE) -> Path:
     return kerasmodels.application(name, input_shape=(size, size, 3), classifier_activation=None)
 
 
-def float_variants(original: bytes, trained: bool) -> dict[str, dict[str, bytes]]:
-    """Per recipe, the float models to quantize: {recipe: {variant: bytes}}."""
+def float_variants(
+    original: bytes, trained: bool, value_range: tuple[float, float] = KERAS_RANGE
+) -> dict[str, dict[str, bytes]]:
+    """Per recipe, the float models to quantize: {recipe: {variant: bytes}}.
+
+    ``--target int8`` is told the input range the bench's images span (``--input-range``), as a
+    user would tell it the range of their data."""
     base = (
         tfl_fuse.optimize(original, rules_to_run=NORMALIZATIONS, target="int8")[0]
         if trained
@@ -195,7 +164,7 @@ def float_variants(original: bytes, trained: bool) -> dict[str, dict[str, bytes]
     common = {
         "a": base,
         "b": tfl_fuse.optimize(base)[0],
-        "c": tfl_fuse.optimize(original, target="int8")[0],
+        "c": tfl_fuse.optimize(original, target="int8", input_range=value_range)[0],
     }
     chosen = {}
     for recipe_name in ("static_channel", "dynamic", "static_tensor"):
@@ -204,6 +173,8 @@ def float_variants(original: bytes, trained: bool) -> dict[str, dict[str, bytes]
         models = dict(common)
         if recipe_name in MATCHED:
             variant, options = MATCHED[recipe_name]
+            if options["target"] == "int8":
+                options = {**options, "input_range": value_range}
             models[variant] = tfl_fuse.optimize(original, **options)[0]
         chosen[recipe_name] = models
     return chosen
@@ -400,7 +371,7 @@ def bench_model(
     calibration/evaluation seed pairs, and each variant also gets its x(a) per seed pair."""
     start = time.perf_counter()
     shape = tuple(int(d) for d in verify.interpreter(original).get_input_details()[0]["shape"])
-    variants = float_variants(original, trained)
+    variants = float_variants(original, trained, value_range)
     base = variants["static_channel"]["a"]
     pairs = [(CALIBRATION_SEED + 2 * k, EVALUATION_SEED + 2 * k) for k in range(seeds)]
     calibrations = [smooth_images(shape, 32, c, value_range) for c, _ in pairs]

@@ -57,6 +57,12 @@ class Context:
     # default of TFLite's converter and ai-edge-quantizer) or "tensor"
     weight_granularity: str = "channel"
     memo: dict[str, Any] = field(default_factory=dict)  # what a rule remembers across passes
+    # --target int8: how equalize_cross_layer decides, "measure" (simulated int8 error,
+    # quantsim.py), "predict" (the data-free noise model) or "auto" (measure within a compute
+    # budget, else predict); the value range of the synthetic
+    # calibration images the simulation feeds image-like inputs (None: -1..1)
+    equalize: str = "auto"
+    input_range: tuple[float, float] | None = None
     stop_after: int | None = None  # stop the run after this many rewrites (None: run to the end)
 
     def excluded(self, graph: Graph, *ops: Table) -> str | None:

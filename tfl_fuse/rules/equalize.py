@@ -30,12 +30,31 @@ channel c over the producers, range2: of input channel c over the consumers) mak
 sqrt(range1 * range2).
 
 When it helps: applied blindly it makes some trained networks worse (measured on mediapipe's
-face_landmark: 1.03x-1.12x the int8 error). So a group is equalized only where a model of the
-quantization noise at the consumers' outputs predicts a gain of at least ``MIN_GAIN``. The
-model sums, over the outputs o of every consumer L2, the variance each rounding adds there. It
-needs the size of each channel: ``activation_stats`` estimates a per-channel mean mu[c] and
-variance sigma[c]^2 of every tensor data-free, pushing them from the graph inputs through the
-layers (calibration data would be better; the tool has none):
+face_landmark: 1.03x-1.12x the int8 error). Two ways to decide, per group:
+
+* measured (``--equalize auto``/``measure``, :meth:`EqualizeCrossLayer.finish`): once the other
+  rules are done, each candidate group is equalized on a copy of the model and the copy's int8
+  error simulated (``quantsim``: the quantizer's weight grid and activation calibration, on
+  synthetic inputs, two independent draws). A group is kept when the mean error ratio over the
+  outputs is at most 1 - ``MIN_MEASURED_GAIN`` and no output's ratio exceeds 1 + ``NOT_WORSE``
+  at two standard errors of the paired per-sample differences. Groups are tried in the order of
+  the noise model's predicted gain, each on top of those kept, then all the rest together once
+  (small gains that add up). With one weight scale per channel each group is also tried with
+  the producers' side of the balance taken halfway (geometric mean) between their weight ranges
+  and the calibrated activation ranges of the tensor between (as SmoothQuant balances
+  activations against weights), and the better of the two is kept, but only when a per-tensor
+  quantizer would not be made more than ``PER_TENSOR_SAFETY`` worse by it (balancing towards
+  activations spreads the producers' channels, which per-tensor weights pay for: 6x the error
+  on face_detection_short_range without this check). ``make bench-quant`` measures the outcome
+  with ai-edge-quantizer: see the README.
+* predicted (``--equalize predict``; ``auto`` when the trials would cost more than
+  ``SIMULATION_BUDGET``, and when the simulation cannot run): a group is equalized where a model
+  of the quantization noise at the consumers' outputs predicts a gain of at least ``MIN_GAIN``.
+
+The noise model sums, over the outputs o of every consumer L2, the variance each rounding adds
+there. It needs the size of each channel: ``activation_stats`` estimates a per-channel mean mu[c]
+and variance sigma[c]^2 of every tensor data-free, pushing them from the graph inputs through the
+layers:
 
     the tensor L2 reads, one scale per tensor:  (max_c (3 sigma[c] + |mu[c]|) / 255)^2 * sum_c W2[o, c]^2
     L2's weights, step d2[o] = max |W2[o]| / 127: d2[o]^2 * sum_c (sigma[c]^2 + mu[c]^2)
@@ -44,9 +63,11 @@ layers (calibration data would be better; the tool has none):
 each over 12 (uniform rounding); with per-tensor weights (``--weight-granularity tensor``) the
 steps are the whole tensor's. With one scale per channel, L1's term does not change (scaling a
 channel scales its step with it) and L2's widens where the activation term narrows. The gain is
-the ratio of the sums before and after. ``make bench-quant`` measures the result, and
-``make bench-cle`` checks the prediction group by group: it ranks the groups that matter most
-(an outlier channel: measured 0.78x) but is blind to effects of a few percent either way.
+the ratio of the sums before and after. ``make bench-cle`` checks the prediction group by group:
+it ranks the groups that matter most (an outlier channel: measured 0.78x) but is blind to
+effects of a few percent either way, and it misses the largest measured gain (palm_detection_lite's
+residual stream, 0.74x with per-tensor weights, predicted 0.50x, i.e. worse) - hence the
+simulation.
 
 Exact when every producer has no fused activation or RELU (not RELU6: min(y, 6) / r !=
 min(y / r, 6)), every tensor of the group is read only by ops of the group and is no graph
@@ -61,8 +82,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import fb, quantsim
 from ..graph import Graph
-from ..model import Table
+from ..model import ModelError, Table
 from .activation_stats import Stats, activation_statistics
 from .backward import layer_bias, scale_along_axis, set_layer_bias
 from .base import Context, Decline, Rule
@@ -83,6 +105,25 @@ MIN_GAIN = {"channel": 1.4, "tensor": 1.1}
 R_LIMIT = 1e3  # no channel scaled by more than this (a dead channel would otherwise explode)
 MAX_TIMES = 4  # a group is decided again after its neighbours change, at most this often
 MAX_TENSORS = 512  # a group larger than this is left alone (the search stays linear)
+# Measured mode (the default of --target int8): a group is kept when its simulated int8 error
+# falls by this much on the mean over outputs and grows on none; at most MAX_TRIALS groups are
+# simulated, the noise model's most promising first.
+MIN_MEASURED_GAIN = 0.05
+NOT_WORSE = 0.01  # no output's error ratio may exceed 1 + this at 2 standard errors
+# The activation balance (per-channel weights) is used only where a per-tensor quantizer would
+# not make any output more than this much worse (simulated) than without the group
+PER_TENSOR_SAFETY = 1.1
+MAX_TRIALS = 64
+# --equalize auto: simulate when the trials cost at most this many G multiply-adds (about 75 s on
+# one core of the bench machine); larger models are decided by the noise model
+SIMULATION_BUDGET = 500.0
+# How a measured trial chooses r: equal weight ranges of the two layers (Nagel), or the tensor
+# between against the consumers' weights (the producers' side halfway between their weight
+# ranges and the calibrated activation ranges)
+BALANCES = {
+    "weights": lambda ranges: None,
+    "activations": lambda ranges: ranges,
+}
 
 
 @dataclass
@@ -327,13 +368,19 @@ def input_energy(graph: Graph, layer: Table, stats: dict[int, Stats], channels: 
 
 class EqualizeCrossLayer(Rule):
     name = "equalize_cross_layer"
-    summary = "cross-layer equalization of layers -> (RELU, PRELU, residual ADDs, pools) -> layers where a noise model predicts a better int8 model (exact in float); on with --target int8"
+    summary = "cross-layer equalization of layers -> (RELU, PRELU, residual ADDs, pools) -> layers where a simulation of the int8 model (or, for large models, a noise model) finds it better (exact in float); on with --target int8"
     default = False
 
     def is_default(self, target: str = "float") -> bool:
         return target == "int8"
 
     def apply(self, graph: Graph, ctx: Context) -> int:
+        if measuring(graph, ctx):
+            return 0  # decided once the other rules are done: finish()
+        return self.predicted_pass(graph, ctx)
+
+    def predicted_pass(self, graph: Graph, ctx: Context) -> int:
+        """One pass deciding each group by the data-free noise model (``MIN_GAIN``)."""
         count = 0
         times = ctx.memo.setdefault(self.name, {})
         decided: set[int] = set()  # producers whose group this pass already looked at
@@ -372,9 +419,228 @@ class EqualizeCrossLayer(Rule):
             count += 1
         return count
 
+    def finish(self, graph: Graph, ctx: Context) -> int:
+        """Measured equalization: keep each group whose simulated int8 error is lower.
 
-def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float, stats: dict[int, Stats]):
-    """({layer: (weights, bias or None)}, predicted gain); None below ``min_gain``; or Decline."""
+        Runs once the other rules reached their fixed point, on subgraph 0. Candidates are
+        tried one at a time, the data-free noise model's most promising first, each on top of
+        those kept: a group is kept when the simulated int8 error (``quantsim``) of no output
+        grows and the mean over outputs falls by ``MIN_MEASURED_GAIN``.
+        """
+        if not measuring(graph, ctx):
+            return 0
+        graph.sweep()
+        stats = activation_statistics(graph)
+        candidates = []  # (predicted gain, graph order, first producer's output tensor)
+        read: list[int] = []  # the tensors the candidates' consumers read
+        decided: set[int] = set()
+        for order, first in enumerate(graph.live_ops(*LAYER_KINDS)):
+            if id(first) in decided or not _is_producer(graph, first):
+                continue
+            group = find_group(graph, first)
+            if group is None:
+                continue
+            decided.update(id(p) for p in group.producers)
+            try:
+                plan = plan_group(graph, ctx, group, 0.0, stats)
+            except Decline as decline:
+                self.declined(graph, ctx, first, f"not equalized: {decline}")
+                continue
+            if plan is not None and not _is_identity(plan[0], graph):
+                candidates.append((-plan[1], order, first.outputs[0]))
+                read.extend(
+                    layer.inputs[LAYERS[layer.opcode.name].data_input] for layer in group.consumers
+                )
+        candidates = sorted(candidates)[:MAX_TRIALS]
+        # per-tensor weights: the producers' weight ranges matter too (Nagel's balance)
+        balances = ["weights"] if ctx.weight_granularity == "tensor" else list(BALANCES)
+        trials = len(candidates) * len(balances) + 2
+        work = trials * quantsim.SIMULATED_INVOKES * quantsim.multiply_adds(graph) / 1e9
+        note = ctx.memo.setdefault("equalize", {})
+        note.update(candidates=len(candidates))
+        if not candidates:
+            note.update(decided_by="simulation", simulations=0)
+            return 0
+        if ctx.equalize == "auto" and work > SIMULATION_BUDGET:
+            reason = (
+                f"simulating {len(candidates)} group(s) would take {work:.0f} G multiply-adds "
+                f"(budget {SIMULATION_BUDGET:.0f} G; --equalize measure runs it anyway)"
+            )
+            return self._predicted_instead(graph, ctx, reason)
+        try:
+            current = bytes(fb.encode(graph.model))
+            simulator = quantsim.Simulator(current, ctx.weight_granularity, ctx.input_range)
+            errors = simulator.errors(current)
+        except (quantsim.SimulationError, ModelError) as error:
+            return self._predicted_instead(graph, ctx, f"the int8 simulation failed: {error}")
+        note.update(decided_by="simulation")
+        # per-channel activation ranges (one calibration draw), for the activation-balanced r
+        ranges = quantsim.channel_ranges(current, simulator.draws[0][0], list(dict.fromkeys(read)))
+
+        def trial(tensors: list[int], balance: str) -> tuple[bytes, np.ndarray, np.ndarray] | None:
+            """The model with these groups equalized too, its errors and ratios [draw, output]."""
+            trial_model = fb.decode(current)
+            trial_graph = Graph(trial_model, graph.index)
+            changed = False
+            for tensor in tensors:
+                trial_plan = _plan_at(trial_graph, ctx, tensor, stats, BALANCES[balance](ranges))
+                if trial_plan is not None:
+                    apply_plan(trial_graph, trial_plan[0])
+                    changed = True
+            if not changed:
+                return None
+            data = bytes(fb.encode(trial_model))
+            found = simulator.errors(data)
+            return data, found, np.array(quantsim.compare(found, errors))
+
+        def better(ratio: np.ndarray) -> bool:
+            """``ratio``: [ratio, upper bound] per output."""
+            return bool(
+                np.max(ratio[1]) <= 1.0 + NOT_WORSE and np.mean(ratio[0]) <= 1.0 - MIN_MEASURED_GAIN
+            )
+
+        def keep(tensors: list[int], balance: str, ratio: np.ndarray) -> None:
+            for tensor in tensors:
+                first = graph.producer_of(tensor)
+                plan = _plan_at(graph, ctx, tensor, stats, BALANCES[balance](ranges))
+                if first is None or plan is None:
+                    continue
+                group = find_group(graph, first)
+                labels = self.labels(graph, group.producers + group.between + group.consumers)
+                apply_plan(graph, plan[0])
+                together = f" with {len(tensors) - 1} other group(s)" if len(tensors) > 1 else ""
+                self.rewrote(
+                    graph,
+                    ctx,
+                    labels,
+                    f"{len(group.producers)} layer(s) equalized with {len(group.consumers)} "
+                    f"following{together}, r balancing {balance} (simulated int8 error "
+                    f"{_ratios(ratio)} per output)",
+                )
+
+        per_tensor: list[np.ndarray | None] = [None]  # errors of `current`, per-tensor weights
+
+        def safe_per_tensor(data: bytes) -> bool:
+            """Per-channel weights were promised, but a per-tensor quantizer must not suffer
+            much either: the activation balance can spread a producer's channels far apart."""
+            if per_tensor[0] is None:
+                per_tensor[0] = simulator.errors(current, "tensor")
+            ratio, _ = quantsim.compare(simulator.errors(data, "tensor"), per_tensor[0])
+            return bool(np.max(ratio) <= PER_TENSOR_SAFETY)
+
+        count = 0
+        left: list[tuple[int, np.ndarray]] = []  # groups not kept alone, and their ratios
+        for _, _, tensor in candidates:
+            results = [
+                (result, balance)
+                for balance in balances
+                if (result := trial([tensor], balance)) is not None
+                and (
+                    balance != "activations" or not better(result[2]) or safe_per_tensor(result[0])
+                )
+            ]
+            if not results:
+                continue
+            result, balance = min(results, key=lambda rb: float(np.mean(rb[0][2][0])))
+            if better(result[2]):
+                current, errors = result[0], result[1]
+                per_tensor[0] = None
+                keep([tensor], balance, result[2])
+                count += 1
+            else:
+                left.append((tensor, result[2]))
+        # Small gains that no group reaches alone can add up: the rest, all together, once.
+        if len(left) > 1:
+            rest = [tensor for tensor, _ in left]
+            for balance in balances:
+                result = trial(rest, balance)
+                if (
+                    result is not None
+                    and better(result[2])
+                    and (balance != "activations" or safe_per_tensor(result[0]))
+                ):
+                    current, errors = result[0], result[1]
+                    keep(rest, balance, result[2])
+                    count += len(left)
+                    left = []
+                    break
+        for tensor, ratio in left:
+            first = graph.producer_of(tensor)
+            if first is None:
+                continue
+            self.declined(
+                graph,
+                ctx,
+                first,
+                f"not equalized: simulated int8 error {_ratios(ratio)} per output (kept only "
+                f"when the mean over outputs falls by {MIN_MEASURED_GAIN:.0%} and no output's "
+                f"bound exceeds {1 + NOT_WORSE:g}x, alone or with the other such groups)",
+            )
+        note.update(simulations=simulator.runs)
+        return count
+
+    def _predicted_instead(self, graph: Graph, ctx: Context, reason: str) -> int:
+        ctx.memo["equalize"].update(decided_by="noise model", reason=reason)
+        count = 0
+        while self.predicted_pass(graph, ctx):
+            count += 1
+        return count
+
+
+def _ratios(ratio: np.ndarray) -> str:
+    return ", ".join(f"{r:.3f}x (<= {u:.3f}x)" for r, u in zip(ratio[0], ratio[1]))
+
+
+def measuring(graph: Graph, ctx: Context) -> bool:
+    """Groups are decided in finish(): --target int8, subgraph 0, --equalize auto or measure."""
+    return ctx.target == "int8" and graph.index == 0 and ctx.equalize in ("auto", "measure")
+
+
+def _is_identity(changes: dict[Table, tuple[np.ndarray, np.ndarray | None]], graph: Graph) -> bool:
+    """Every r is 1: the plan would change nothing."""
+    for layer, (weights, _) in changes.items():
+        old = graph.constant(layer.inputs[LAYERS[layer.opcode.name].weight_input])
+        if old.shape != weights.shape or not np.array_equal(old, weights):
+            return False
+    return True
+
+
+def _plan_at(
+    graph: Graph,
+    ctx: Context,
+    tensor: int,
+    stats: dict[int, Stats],
+    activation_range: dict[int, np.ndarray] | None = None,
+):
+    """The plan of the group whose first producer writes ``tensor`` (None if there is none)."""
+    first = graph.producer_of(tensor)
+    if first is None or first.opcode.name not in LAYER_KINDS or not _is_producer(graph, first):
+        return None
+    group = find_group(graph, first)
+    if group is None:
+        return None
+    try:
+        return plan_group(graph, ctx, group, 0.0, stats, activation_range)
+    except Decline:
+        return None
+
+
+def plan_group(
+    graph: Graph,
+    ctx: Context,
+    group: Group,
+    min_gain: float,
+    stats: dict[int, Stats],
+    activation_range: dict[int, np.ndarray] | None = None,
+):
+    """({layer: (weights, bias or None)}, predicted gain); None below ``min_gain``; or Decline.
+
+    ``activation_range``: calibrated max |x| per channel of the tensors the consumers read; with
+    it, the producers' side of the balance is the geometric mean of their weight range and the
+    calibrated activation range of the channel (r[c] = sqrt(sqrt(range1[c] * max|x[c]|) /
+    range2[c])) instead of the weight range alone (Nagel). With one weight scale per channel the producers' weights do not care, and
+    the tensor between is what one int8 scale must cover.
+    """
     try:
         weights = {
             id(layer): layer_weights(graph, layer) for layer in group.producers + group.consumers
@@ -421,6 +687,16 @@ def plan_group(graph: Graph, ctx: Context, group: Group, min_gain: float, stats:
     for side in consumers:
         for k, value in zip(side.classes.tolist(), np.abs(side.weights).max(axis=(0, 2))):
             range2[k] = max(range2.get(k, 0.0), value)
+    if activation_range is not None:
+        measured: dict[int, float] = {}
+        for side in consumers:
+            found = activation_range.get(side.tensor)
+            if found is None or len(found) != len(side.classes):
+                return None
+            for k, value in zip(side.classes.tolist(), found.tolist()):
+                measured[k] = max(measured.get(k, 0.0), value)
+        # halfway (geometric mean) between the producers' weights and the activations
+        range1 = {k: float(np.sqrt(range1.get(k, 0.0) * measured.get(k, 0.0))) for k in range1}
     r = {}
     for k in set(range1) | set(range2):
         a, b = range1.get(k, 0.0), range2.get(k, 0.0)
