@@ -1,66 +1,53 @@
 """Decode TFL3/CIR0 flatbuffers into the neutral :class:`~tfl_fuse.model.Model` and back.
 
-Decoding goes through the schema package's object API (``ModelT.InitFromObj``), whose
-buffer data are zero-copy numpy views of the input bytes; the object tree is then turned
-into neutral :class:`Table` records field by field, so every field of the schema travels
-through untouched. Encoding maps each Table back to the target format's class by type
-name (which is also how circle <-> tflite conversion works), packs buffer data itself,
-16-byte aligned, into a builder pre-sized to the model, and drops unused buffers.
+Both directions walk the tables with the layouts :mod:`tfl_fuse.formats` reads off the schema
+packages' generated code (each field's name, vtable slot, kind and default), instead of going
+through the object API's per-field method calls, which cost most of a run on many-op models.
+
+Decoding reads each table's vtable once and turns it into a neutral :class:`Table` holding
+every field of the schema (absent fields at their defaults), so every field travels through
+untouched. Index vectors rules edit (``inputs``, ``shape``, ...) become lists; other vectors
+are read-only numpy views of the input, so weights are never copied.
+
+Encoding writes each Table with the target format's layout of the same type name (which is
+also how circle <-> tflite conversion works) into a pre-sized buffer, back to front, byte for
+byte as the flatbuffers ``Builder`` and the object API's ``Pack`` would (the same field order,
+alignment and vtable sharing), so the output is deterministic. Buffer data is 16-byte
+aligned; large data is not copied but left as a hole the writer fills from the input file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import mmap
 import os
 import struct
 from collections.abc import Iterator
 from typing import Any
 
-import flatbuffers
 import numpy as np
 
 from . import formats
-from .formats import UNION_ENUMS, Format
+from .formats import SCALAR, STRING, TABLE, TABLES, UNION, VECTOR, Format
 from .model import Model, ModelError, OpCode, Table
 
 # Index vectors that rules edit: decoded as Python lists instead of read-only numpy views.
 _INDEX_FIELDS = {"inputs", "outputs", "intermediates", "shape", "shapeSignature"}
-# circle SubGraph slot 5 held `data_format` before circle 0.7; circle_schema 0.10 no longer
-# reads it, so it is read and written here by hand.
-_CIRCLE_DATA_FORMAT_SLOT = 5
-_CIRCLE_DATA_FORMAT_VTABLE_OFFSET = 4 + 2 * _CIRCLE_DATA_FORMAT_SLOT
 BUFFER_ALIGNMENT = 16
 MAX_FLATBUFFER_SIZE = 2**31 - 1
 # Buffer data beyond this is kept after the flatbuffer (the tables need room inside 2 GB too).
 EXTERNAL_DATA_BYTES = MAX_FLATBUFFER_SIZE - (256 << 20)
 
+_U8 = struct.Struct("<B").unpack_from
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+
 
 # --------------------------------------------------------------------------------------------
 # decode
-
-
-def _neutral(value: Any, field_name: str = "") -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    if isinstance(value, np.ndarray):
-        if field_name in _INDEX_FIELDS:
-            return value.tolist()
-        return value
-    if isinstance(value, list):
-        return [_neutral(v, field_name) for v in value]
-    type_name = type(value).__name__
-    table = Table(type_name[:-1] if type_name.endswith("T") else type_name)
-    for name, field_value in vars(value).items():
-        if name.endswith("Type") and name[:-4] in UNION_ENUMS:
-            continue  # the union's member is named by the Table's own type name
-        table.__dict__[name] = _neutral(field_value, name)
-    return table
 
 
 def detect_format(data: bytes | bytearray | memoryview) -> Format:
@@ -90,6 +77,170 @@ def _parse_failure(format_name: str, size: int, error: BaseException) -> str:
     return f"truncated or not a {format_name} flatbuffer: {why}"
 
 
+# Reading kinds beyond the layout's: index vectors read as lists, legacy fields that appear
+# in the neutral table only when set, and a union's type (read, as the object API reads it,
+# even without a member; the member's table is named by it, so no field holds it).
+_INDEX = 10
+_LEGACY = 11
+_UNION_TYPE = 12
+
+
+class _ReadPlan:
+    """How to read one table type: its defaults, and per vtable slot what lies there."""
+
+    __slots__ = ("defaults", "slots", "count")
+
+    def __init__(self, layout: formats.Layout, legacy: set[str]) -> None:
+        self.defaults: dict[str, Any] = {"_type": layout.type_name}
+        last = max((max(f.slot, f.type_slot) for f in layout.fields), default=-1)
+        slots: list[tuple | None] = [None] * (last + 1)
+        for f in layout.fields:
+            kind, argument = f.kind, None
+            if f.name in legacy:
+                kind, argument = _LEGACY, struct.Struct(f.code).unpack_from
+            else:
+                self.defaults[f.name] = f.default
+            if kind == SCALAR:
+                argument = struct.Struct(f.code).unpack_from
+            elif kind == VECTOR:
+                if f.name in _INDEX_FIELDS:
+                    kind, argument = _INDEX, f.code[1]
+                else:
+                    argument = np.dtype(f.code)
+            elif kind in (TABLE, TABLES):
+                argument = f.type_name
+            elif kind == UNION:
+                argument = (f.type_name, f.type_slot)
+                slots[f.type_slot] = (f.name + "Type", _UNION_TYPE, _U8)
+            slots[f.slot] = (f.name, kind, argument)
+        self.slots = tuple(slots)
+        self.count = len(slots)
+
+
+# format -> type name -> plan: made once per process
+_READ_PLANS: dict[str, dict[str | tuple[str, int], _ReadPlan | None]] = {}
+
+
+class _Reader:
+    """Reads tables out of the model bytes with the format's layouts."""
+
+    def __init__(self, fmt: Format, data: bytes | bytearray | memoryview) -> None:
+        self.fmt = fmt
+        self.data = data
+        self.plans = _READ_PLANS.setdefault(fmt.name, {})
+        self.vector_structs: dict[tuple[str, int], Any] = {}
+
+    def plan(self, type_name: str) -> _ReadPlan:
+        plan = self.plans.get(type_name)
+        if plan is None:
+            layout = self.fmt.layout(type_name)
+            if layout is None:
+                raise ModelError(f"the {self.fmt.name} schema has no table {type_name}")
+            legacy = formats.LEGACY_FIELDS.get((self.fmt.name, type_name))
+            plan = _ReadPlan(layout, {legacy.name} if legacy else set())
+            self.plans[type_name] = plan
+        return plan
+
+    def root(self) -> Table:
+        return self.table(_U32(self.data, 0)[0], self.plan("Model"))
+
+    def table(self, pos: int, plan: _ReadPlan) -> Table:
+        fields = plan.defaults.copy()
+        table = Table.__new__(Table)
+        table.__dict__ = fields
+        if not plan.count:
+            return table  # nothing to read (the object API does not look at it either)
+        data = self.data
+        vtable = pos - _I32(data, pos)[0]
+        if vtable < 0:
+            raise struct.error("a vtable before the start of the file")
+        count = min((_U16(data, vtable)[0] - 3) // 2, plan.count)
+        if count > 0:
+            offsets = struct.unpack_from(f"<{count}H", data, vtable + 4)
+            for offset, entry in zip(offsets, plan.slots):
+                if not offset or entry is None:
+                    continue
+                name, kind, argument = entry
+                at = pos + offset
+                if kind == SCALAR:
+                    fields[name] = argument(data, at)[0]
+                    continue
+                if kind == _LEGACY:
+                    value = argument(data, at)[0]
+                    if value:
+                        fields[name] = value
+                    continue
+                if kind == UNION:
+                    fields[name] = self.union(pos, offsets, at, *argument)
+                    continue
+                if kind == _UNION_TYPE:
+                    argument(data, at)
+                    continue
+                at += _U32(data, at)[0]
+                if kind == _INDEX:
+                    n = _U32(data, at)[0]
+                    fields[name] = list(self.vector_struct(argument, n)(data, at + 4))
+                elif kind == VECTOR:
+                    fields[name] = np.frombuffer(
+                        data, dtype=argument, count=_U32(data, at)[0], offset=at + 4
+                    )
+                elif kind == STRING:
+                    n = _U32(data, at)[0]
+                    raw = bytes(data[at + 4 : at + 4 + n])
+                    try:
+                        fields[name] = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        fields[name] = raw
+                elif kind == TABLE:
+                    fields[name] = self.table(at, self.plan(argument))
+                else:  # TABLES
+                    n = _U32(data, at)[0]
+                    child = self.plan(argument)
+                    read = self.table
+                    starts = self.vector_struct("I", n)(data, at + 4)
+                    fields[name] = [
+                        read(element + start, child)
+                        for element, start in zip(range(at + 4, at + 4 + 4 * n, 4), starts)
+                    ]
+        return table
+
+    def union(self, pos: int, offsets: tuple, at: int, enum: str, type_slot: int) -> Table | None:
+        type_offset = offsets[type_slot] if type_slot < len(offsets) else 0
+        member = _U8(self.data, pos + type_offset)[0] if type_offset else 0
+        if not member:
+            return None
+        key = (enum, member)
+        if key not in self.plans:
+            name = self.fmt.enum_names(enum).get(member)
+            known = name is not None and self.fmt.layout(name) is not None
+            self.plans[key] = self.plan(name) if known else None
+        plan = self.plans[key]
+        if plan is None:
+            return None  # a member this schema does not know: as the object API
+        return self.table(at + _U32(self.data, at)[0], plan)
+
+    def vector_struct(self, code: str, n: int) -> Any:
+        key = (code, n)
+        unpack = self.vector_structs.get(key)
+        if unpack is None:
+            unpack = struct.Struct(f"<{n}{code}").unpack_from
+            if n <= 64:  # small vectors repeat; one-off large ones are not kept
+                self.vector_structs[key] = unpack
+        return unpack
+
+    def vector_start(self, pos: int, slot: int) -> int | None:
+        """Where the elements of the vector in ``slot`` of the table at ``pos`` start."""
+        data = self.data
+        vtable = pos - _I32(data, pos)[0]
+        if 4 + 2 * slot >= _U16(data, vtable)[0]:
+            return None
+        offset = _U16(data, vtable + 4 + 2 * slot)[0]
+        if not offset:
+            return None
+        at = pos + offset
+        return at + _U32(data, at)[0] + 4
+
+
 def decode(data: bytes | bytearray | memoryview) -> Model:
     """Decode model bytes (TFL3 or CIR0) into a neutral Model; ModelError on bad input."""
     fmt = detect_format(data)
@@ -99,63 +250,76 @@ def decode(data: bytes | bytearray | memoryview) -> Model:
             f"truncated or not a {fmt.name} flatbuffer: "
             f"its root offset {root_offset} is past the end of the file ({len(data)} bytes)"
         )
-    try:
-        accessor = fmt.accessor_class("Model").GetRootAs(data, 0)
-        obj = fmt.table_class("Model").InitFromObj(accessor)
-        data_formats = _read_circle_data_formats(accessor) if fmt is formats.CIRCLE else []
-    except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
-        raise ModelError(_parse_failure(fmt.name, len(data), error)) from None
-    model = _model_from_objects(obj, fmt, data)
-    _record_source_offsets(accessor, model)
-    for subgraph, data_format in zip(model.subgraphs, data_formats):
-        if data_format:
-            subgraph.dataFormat = data_format
+    reader = _Reader(fmt, data)
+    with collector_paused():
+        try:
+            root = reader.root()
+            buffer_positions = _buffer_positions(reader, root_offset)
+        except (ModelError, formats.LayoutError):
+            raise
+        except (RecursionError, MemoryError, Exception) as error:  # noqa: BLE001 - any parse failure
+            raise ModelError(_parse_failure(fmt.name, len(data), error)) from None
+        model = _model_from_tables(root, fmt, data, buffer_positions)
     from .validate import validate  # late import: validate uses the graph helpers
 
     validate(model)
     return model
 
 
-def _record_source_offsets(accessor: Any, model: Model) -> None:
-    """Remember where each buffer's data lies in the input, so the writer can copy it file to file."""
-    for i, buffer in enumerate(model.buffers):
-        if buffer.data is None:
-            continue
-        table = accessor.Buffers(i)._tab
-        offset = table.Offset(4)
-        if offset:
-            buffer._source_offset = table.Vector(offset)
-            buffer._source_data = buffer.data
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while the model's tables are made (or rewritten).
+
+    Decoding makes tens of thousands of dicts and lists and frees none of them; each
+    collection the allocations trigger would walk all of them again (a third of the decoding
+    time on a 6,000-op model) to find no garbage. A whole run makes no cyclic garbage either
+    (none on the bench's models), so reference counting still frees everything. The
+    collector is re-enabled afterwards, and left alone if the caller had turned it off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
-def _read_circle_data_formats(accessor: Any) -> list[int]:
-    values = []
-    for i in range(accessor.SubgraphsLength()):
-        table = accessor.Subgraphs(i)._tab
-        offset = table.Offset(_CIRCLE_DATA_FORMAT_VTABLE_OFFSET)
-        values.append(
-            table.Get(flatbuffers.number_types.Int8Flags, offset + table.Pos) if offset else 0
-        )
-    return values
+def _buffer_positions(reader: _Reader, root_offset: int) -> list[int | None]:
+    """Where each buffer's inline data starts in the input (for file-to-file copies)."""
+    slot = reader.fmt.layout("Model").field("buffers").slot
+    data_slot = reader.fmt.layout("Buffer").field("data").slot
+    start = reader.vector_start(root_offset, slot)
+    if start is None:
+        return []
+    n = _U32(reader.data, start - 4)[0]
+    positions = []
+    for i in range(n):
+        at = start + 4 * i
+        positions.append(reader.vector_start(at + _U32(reader.data, at)[0], data_slot))
+    return positions
 
 
-def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryview) -> Model:
+def _model_from_tables(
+    root: Table, fmt: Format, data: bytes | bytearray | memoryview, buffer_positions: list
+) -> Model:
     try:
         opcodes = [
             OpCode(
                 fmt.op_name(code.deprecatedBuiltinCode, code.builtinCode),
                 code.version,
-                _neutral(code.customCode),
-                source=_neutral(code),
+                code.customCode,
+                source=code,
                 source_format=fmt.name,
             )
-            for code in obj.operatorCodes or []
+            for code in root.operatorCodes or []
         ]
     except KeyError as error:
         raise ModelError(str(error.args[0])) from None
 
     buffers = []
-    for b, buffer in enumerate(obj.buffers or []):
+    for b, buffer in enumerate(root.buffers or []):
         payload = buffer.data
         if buffer.offset > 1:  # data stored after the flatbuffer (models over 2 GB)
             if payload is not None and len(payload):
@@ -169,11 +333,12 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
             buffers[-1]._source_offset, buffers[-1]._source_data = buffer.offset, payload
             continue
         buffers.append(Table("Buffer", data=payload, offset=0, size=0))
+        if payload is not None:
+            buffers[-1]._source_offset, buffers[-1]._source_data = buffer_positions[b], payload
 
     tensor_types = fmt.enum_names("TensorType")
     subgraphs = []
-    for subgraph_object in obj.subgraphs or []:
-        subgraph = _neutral(subgraph_object)
+    for subgraph in root.subgraphs or []:
         subgraph.tensors = subgraph.tensors or []
         subgraph.operators = subgraph.operators or []
         subgraph.inputs = subgraph.inputs or []
@@ -208,8 +373,6 @@ def _model_from_objects(obj: Any, fmt: Format, data: bytes | bytearray | memoryv
                 op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
         subgraphs.append(subgraph)
 
-    obj.operatorCodes = obj.subgraphs = obj.buffers = None
-    root = _neutral(obj)
     for name in ("operatorCodes", "subgraphs", "buffers"):
         root.__dict__.pop(name, None)
     return Model(fmt.name, root, opcodes, subgraphs, buffers)
@@ -228,64 +391,6 @@ def _external(
 
 # --------------------------------------------------------------------------------------------
 # encode
-
-
-class _Defaults:
-    """Default field values of a format's tables, to tell 'unset' from 'set' when converting."""
-
-    def __init__(self, fmt: Format) -> None:
-        self.fmt = fmt
-        self.cache: dict[str, dict[str, Any]] = {}
-
-    def of(self, type_name: str) -> dict[str, Any]:
-        if type_name not in self.cache:
-            cls = self.fmt.table_class(type_name)
-            self.cache[type_name] = vars(cls()) if cls is not None else {}
-        return self.cache[type_name]
-
-
-def _is_unset(value: Any, default: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, (list, np.ndarray)):
-        return len(value) == 0 and default is None
-    return value == default
-
-
-class _Encoder:
-    def __init__(self, model: Model, fmt: Format) -> None:
-        self.model = model
-        self.fmt = fmt
-        self.source_defaults = _Defaults(formats.get(model.format))
-
-    def obj(self, value: Any, where: str) -> Any:
-        if isinstance(value, Table):
-            return self.table(value, where)
-        if isinstance(value, list):
-            return [self.obj(v, where) for v in value]
-        return value
-
-    def table(self, table: Table, where: str) -> Any:
-        cls = self.fmt.table_class(table._type)
-        if cls is None:
-            raise ModelError(f"{where}: the {self.fmt.name} schema has no table {table._type}")
-        obj = cls()
-        known = vars(obj)
-        source_defaults = self.source_defaults.of(table._type)
-        for name, value in table.fields().items():
-            if name not in known:
-                if _is_unset(value, source_defaults.get(name)):
-                    continue
-                raise ModelError(
-                    f"{where}: the {self.fmt.name} schema has no field {table._type}.{name}"
-                )
-            if name in UNION_ENUMS and isinstance(value, Table):
-                members = self.fmt.enum(UNION_ENUMS[name])
-                if value._type not in members:
-                    raise ModelError(f"{where}: the {self.fmt.name} schema has no {value._type}")
-                setattr(obj, name + "Type", members[value._type])
-            setattr(obj, name, self.obj(value, where))
-        return obj
 
 
 HOLE_MIN_BYTES = 4096  # buffer data at least this large is referenced, not copied, until written
@@ -365,44 +470,6 @@ def _send_all(fd: int, source_fd: int, offset: int, count: int) -> None:
         count -= sent
 
 
-class _PackedBuffer:
-    """A Buffer table whose data is 16-byte aligned; large data is reserved, filled on output."""
-
-    def __init__(
-        self, fmt: Format, data: np.ndarray | None, source_offset: int | None, holes: list
-    ) -> None:
-        self.fmt = fmt
-        self.data = data
-        self.source_offset = source_offset
-        self.holes = holes
-        self.file_offset: int | None = None  # set: the data lies after the flatbuffer, there
-
-    def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 - object-API protocol
-        if self.file_offset is not None:
-            start = self.fmt.function("Buffer", "BufferStart")
-            start(builder)
-            self.fmt.function("Buffer", "BufferAddOffset")(builder, self.file_offset)
-            self.fmt.function("Buffer", "BufferAddSize")(builder, len(self.data))
-            return self.fmt.function("Buffer", "BufferEnd")(builder)
-        data_offset = None
-        if self.data is not None:
-            size = len(self.data)
-            builder.StartVector(1, size, BUFFER_ALIGNMENT)
-            builder.head -= size
-            if size >= HOLE_MIN_BYTES:
-                self.holes.append(
-                    (len(builder.Bytes) - builder.head, self.data, self.source_offset)
-                )
-            else:
-                builder.Bytes[builder.head : builder.head + size] = memoryview(self.data).cast("B")
-            builder.vectorNumElems = size
-            data_offset = builder.EndVector()
-        self.fmt.function("Buffer", "BufferStart")(builder)
-        if data_offset is not None:
-            self.fmt.function("Buffer", "BufferAddData")(builder, data_offset)
-        return self.fmt.function("Buffer", "BufferEnd")(builder)
-
-
 def used_buffer_map(model: Model) -> tuple[list[int], dict[int, int]]:
     """Buffers to keep (old indices, in order) and old -> new index for every old index.
 
@@ -429,29 +496,368 @@ def used_buffer_map(model: Model) -> tuple[list[int], dict[int, int]]:
     return keep, mapping
 
 
-@contextlib.contextmanager
-def _circle_data_format_writer(fmt: Format, values: list[int]) -> Iterator[None]:
-    """Write circle's legacy SubGraph.data_format slot, which circle_schema 0.10 cannot."""
-    if fmt is not formats.CIRCLE or not any(values):
-        yield
-        return
-    import importlib
+class _Builder:
+    """A flatbuffer written back to front into a pre-sized buffer.
 
-    module = importlib.import_module(f"{fmt._module}.SubGraph")
-    original = module.SubGraphStart
-    pending = list(values)
+    It lays bytes out exactly as ``flatbuffers.Builder`` does (the same alignment padding,
+    vtables trimmed of trailing empty slots and shared when equal), without its per-value
+    method calls. Positions are offsets from the end of the buffer, as the flatbuffers
+    builder counts them, so growing the buffer moves nothing.
+    """
 
-    def start(builder: flatbuffers.Builder) -> None:
-        original(builder)
-        value = pending.pop(0)
-        if value:
-            builder.PrependInt8Slot(_CIRCLE_DATA_FORMAT_SLOT, value, 0)
+    def __init__(self, size: int) -> None:
+        self.bytes: bytearray | mmap.mmap = _zeroed(size)
+        self.size = size
+        self.head = size
+        self.minalign = 1
+        self.vtables: dict[tuple, int] = {}
+        self.object_end = 0
+        self.slots: list[tuple[int, int]] = []
 
-    module.SubGraphStart = start
-    try:
-        yield
-    finally:
-        module.SubGraphStart = original
+    def offset(self) -> int:
+        return self.size - self.head
+
+    def prep(self, size: int, additional: int) -> None:
+        """Pad so that ``size`` bytes are aligned after ``additional`` more bytes are written."""
+        if size > self.minalign:
+            self.minalign = size
+        padding = -(self.size - self.head + additional) & (size - 1)
+        if self.head < padding + size + additional:
+            self.grow(padding + size + additional)
+        self.head -= padding  # the buffer starts zeroed: padding needs no writing
+
+    def grow(self, needed: int) -> None:
+        size = self.size
+        while size - self.size + self.head < needed:
+            size *= 2
+        if size > MAX_FLATBUFFER_SIZE + 1:
+            raise ModelError(
+                "the model's tables are larger than 2 GB, which a single flatbuffer cannot hold"
+            )
+        grown = _zeroed(size)
+        used = self.size - self.head
+        grown[size - used :] = self.bytes[self.head :]
+        self.head += size - self.size
+        self.bytes, self.size = grown, size
+
+    def uoffset(self, target: int) -> None:
+        self.prep(4, 0)
+        value = self.size - self.head + 4 - target
+        self.head -= 4
+        _PACK_U32(self.bytes, self.head, value)
+
+    def string(self, value: str | bytes) -> int:
+        raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        n = len(raw)
+        self.prep(4, n + 1)
+        head = self.head - n - 1  # the zero terminator is already there
+        self.bytes[head : head + n] = raw
+        head -= 4
+        _PACK_U32(self.bytes, head, n)
+        self.head = head
+        return self.size - head
+
+    def vector(self, payload: bytes | memoryview, count: int, alignment: int) -> int:
+        n = len(payload)
+        self.prep(4, n)
+        if alignment > 4:  # 4-byte alignment after n bytes is every smaller alignment too
+            self.prep(alignment, n)
+        head = self.head - n
+        self.bytes[head : head + n] = payload
+        head -= 4
+        _PACK_U32(self.bytes, head, count)
+        self.head = head
+        return self.size - head
+
+    def offsets(self, targets: list[int]) -> int:
+        """A vector of offsets to tables written before."""
+        n = len(targets)
+        self.prep(4, 4 * n)
+        end = self.size - self.head + 4 * n  # offsets are relative to where each is stored
+        self.head -= 4 * n
+        struct.pack_into(
+            f"<{n}I", self.bytes, self.head, *[end - 4 * i - t for i, t in enumerate(targets)]
+        )
+        self.head -= 4
+        _PACK_U32(self.bytes, self.head, n)
+        return self.size - self.head
+
+    def start(self) -> None:
+        self.object_end = self.size - self.head
+        self.slots = []
+
+    def scalar(self, slot: int, pack: Any, width: int, value: Any) -> None:
+        """A field of the table being written (prep and write in one, as it is the most
+        frequent call)."""
+        if width > self.minalign:
+            self.minalign = width
+        head = self.head
+        padding = (head - self.size) & (width - 1)
+        if head < padding + width:
+            self.grow(padding + width)
+            head = self.head
+        head -= padding + width
+        pack(self.bytes, head, value)
+        self.head = head
+        self.slots.append((slot, self.size - head))
+
+    def reference(self, slot: int, target: int) -> None:
+        """A field of the table being written that points to ``target``."""
+        if self.minalign < 4:
+            self.minalign = 4
+        head = self.head
+        padding = (head - self.size) & 3
+        if head < padding + 4:
+            self.grow(padding + 4)
+            head = self.head
+        head -= padding + 4
+        position = self.size - head
+        _PACK_U32(self.bytes, head, position - target)
+        self.head = head
+        self.slots.append((slot, position))
+
+    def end(self) -> int:
+        """Finish the table: its vtable, shared with an equal one written before."""
+        self.prep(4, 0)
+        self.head -= 4
+        table = self.size - self.head
+        slots = self.slots
+        entries = [0] * (max(slots)[0] + 1 if slots else 0)
+        for slot, position in slots:
+            entries[slot] = table - position
+        key = (table - self.object_end, *entries)
+        vtable = self.vtables.get(key)
+        if vtable is None:
+            n = len(entries) + 2
+            if self.head < 2 * n:
+                self.grow(2 * n)
+            self.head -= 2 * n
+            _vtable_struct(n)(self.bytes, self.head, 2 * n, *key)
+            vtable = self.vtables[key] = self.size - self.head
+        _PACK_I32(self.bytes, self.size - table, vtable - table)
+        return table
+
+    def finish(self, root: int, identifier: bytes) -> memoryview:
+        self.prep(self.minalign, 8)
+        self.prep(4, 4)
+        self.head -= 4
+        self.bytes[self.head : self.head + 4] = identifier
+        self.uoffset(root)
+        return memoryview(self.bytes)[self.head :]
+
+
+_PACK_U32 = struct.Struct("<I").pack_into
+_PACK_I32 = struct.Struct("<i").pack_into
+
+
+@functools.cache
+def _vtable_struct(n: int) -> Any:
+    return struct.Struct(f"<{n}H").pack_into
+
+
+@functools.cache
+def _list_struct(code: str, n: int) -> Any:
+    return struct.Struct(f"<{n}{code}").pack
+
+
+def _zeroed(size: int) -> bytearray | mmap.mmap:
+    # An anonymous map for large sizes: untouched pages (holes, slack) cost no memory.
+    return mmap.mmap(-1, size) if size >= 1 << 20 else bytearray(size)
+
+
+class _WritePlan:
+    """How to write one table type of the target format."""
+
+    __slots__ = ("type_name", "fields", "children", "names", "known", "source_defaults")
+
+    def __init__(self, layout: formats.Layout, source: formats.Layout | None) -> None:
+        self.type_name = layout.type_name
+        self.names = layout.names
+        # what a table may hold without a look at each field: its fields, its type, the
+        # label rules give operators
+        self.known = layout.names | {"_type", "_origin"}
+        # Fields the target lacks may be present in a table only at the source's defaults.
+        self.source_defaults = {f.name: f.default for f in source.fields} if source else {}
+        fields = []
+        for f in layout.fields:
+            pack = width = None
+            if f.kind in (SCALAR, UNION):
+                packer = struct.Struct(f.code)
+                pack, width = packer.pack_into, packer.size
+            elif f.kind == VECTOR:
+                pack, width = np.dtype(f.code), struct.calcsize(f.code)
+            fields.append(
+                (f.name, f.kind, f.slot, f.default, pack, width, f.type_name, f.type_slot)
+            )
+        self.fields = tuple(fields)
+        # the fields written before the table itself: strings, vectors, tables
+        self.children = tuple(
+            (name, kind, pack, width, type_name)
+            for name, kind, _, _, pack, width, type_name, _ in fields
+            if kind != SCALAR
+        )
+
+
+# (target format, source format) -> type name -> plan: made once per process
+_WRITE_PLANS: dict[tuple[str, str], dict[str, _WritePlan]] = {}
+
+
+class _Writer:
+    """Writes neutral Tables with the target format's layouts."""
+
+    def __init__(self, fmt: Format, source: Format, size: int) -> None:
+        self.fmt = fmt
+        self.source = source
+        self.builder = _Builder(size)
+        self.plans = _WRITE_PLANS.setdefault((fmt.name, source.name), {})
+        self.holes: list[tuple[int, np.ndarray, int | None]] = []
+        self.buffer_data_slot = fmt.layout("Buffer").field("data").slot
+
+    def plan(self, type_name: str, where: str) -> _WritePlan:
+        plan = self.plans.get(type_name)
+        if plan is None:
+            layout = self.fmt.layout(type_name)
+            if layout is None:
+                raise ModelError(f"{where}: the {self.fmt.name} schema has no table {type_name}")
+            plan = _WritePlan(layout, self.source.layout(type_name))
+            self.plans[type_name] = plan
+        return plan
+
+    def table(self, table: Table, where: str) -> int:
+        plan = self.plans.get(table._type) or self.plan(table._type, where)
+        values = table.__dict__
+        if not plan.known.issuperset(values):
+            self.check_unknown(plan, values, values.keys() - plan.names, where)
+        builder = self.builder
+        children = []
+        for name, kind, pack, width, type_name in plan.children:
+            value = values.get(name)
+            if value is None:
+                continue
+            if kind == VECTOR:
+                children.append(self.vector(value, pack, width, name, where))
+            elif kind == STRING:
+                children.append(builder.string(value))
+            elif kind == TABLES:
+                if value and type(value[0]) is _BufferEntry:  # the model's buffers
+                    targets = [self.buffer(entry) for entry in value]
+                else:
+                    targets = [self.table(entry, where) for entry in value]
+                children.append(builder.offsets(targets))
+            elif kind == UNION:
+                members = self.fmt.enum(type_name)
+                if not isinstance(value, Table) or value._type not in members:
+                    member = getattr(value, "_type", type(value).__name__)
+                    raise ModelError(f"{where}: the {self.fmt.name} schema has no {member}")
+                children.append(self.table(value, where))
+            else:  # TABLE
+                children.append(self.table(value, where))
+        builder.start()
+        child = 0
+        for name, kind, slot, default, pack, width, type_name, type_slot in plan.fields:
+            if kind == SCALAR:
+                value = values.get(name, default)
+                if value != default:
+                    builder.scalar(slot, pack, width, value)
+                continue
+            value = values.get(name)
+            if value is None:
+                continue
+            if kind == UNION:
+                builder.scalar(type_slot, pack, width, self.fmt.enum(type_name)[value._type])
+            builder.reference(slot, children[child])
+            child += 1
+        return builder.end()
+
+    def check_unknown(self, plan: _WritePlan, values: dict, extra: set, where: str) -> None:
+        for name in [name for name in values if name in extra]:  # in the table's order
+            if name.startswith("_") or _is_unset(values[name], plan.source_defaults.get(name)):
+                continue
+            raise ModelError(
+                f"{where}: the {self.fmt.name} schema has no field {plan.type_name}.{name}"
+            )
+
+    def vector(self, value: Any, dtype: np.dtype, width: int, name: str, where: str) -> int:
+        if type(value) is list and len(value) <= 64 and dtype.kind in "iu":
+            try:
+                payload = _list_struct(dtype.char, len(value))(*value)
+            except struct.error:
+                raise ModelError(f"{where}: a value of {name} does not fit {dtype.name}") from None
+            return self.builder.vector(payload, len(value), width)
+        array = np.asarray(value)
+        if array.ndim != 1:
+            raise ModelError(f"{where}: {name} is not a vector")
+        if array.dtype != dtype:
+            array = _converted(array, dtype, f"{where}: a value of {name}")
+        return self.builder.vector(
+            memoryview(np.ascontiguousarray(array)).cast("B"), len(array), width
+        )
+
+    def buffer(self, entry: _BufferEntry) -> int:
+        """A Buffer table; its data 16-byte aligned, or after the flatbuffer (offset/size)."""
+        builder = self.builder
+        data = entry.data
+        if entry.file_offset is not None:
+            layout = self.fmt.layout("Buffer")
+            builder.start()
+            builder.scalar(layout.field("offset").slot, _PACK_U64, 8, entry.file_offset)
+            builder.scalar(layout.field("size").slot, _PACK_U64, 8, len(data))
+            return builder.end()
+        position = None
+        if data is not None:
+            size = len(data)
+            builder.prep(4, size)
+            builder.prep(BUFFER_ALIGNMENT, size)
+            builder.head -= size
+            if size >= HOLE_MIN_BYTES:
+                self.holes.append((builder.offset(), data, entry.source_offset))
+            else:
+                builder.bytes[builder.head : builder.head + size] = memoryview(data).cast("B")
+            builder.head -= 4
+            _PACK_U32(builder.bytes, builder.head, size)
+            position = builder.offset()
+        builder.start()
+        if position is not None:
+            builder.reference(self.buffer_data_slot, position)
+        return builder.end()
+
+
+_PACK_U64 = struct.Struct("<Q").pack_into
+
+
+def _converted(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``array`` as the schema's element type; ModelError where a value does not fit it."""
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below
+        converted = array.astype(dtype)
+    if dtype.kind in "iu" and array.size:
+        limits = np.iinfo(dtype)
+        if array.dtype.kind not in "iub" or array.min() < limits.min or array.max() > limits.max:
+            if not np.array_equal(converted, array):
+                raise ModelError(f"{what} does not fit {dtype.name}")
+    elif dtype.kind == "f" and np.any(np.isinf(converted) & ~np.isinf(array)):
+        raise ModelError(f"{what} does not fit {dtype.name}")
+    return converted
+
+
+def _is_unset(value: Any, default: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (list, np.ndarray)):
+        return len(value) == 0 and default is None
+    return value == default
+
+
+class _BufferEntry:
+    """A buffer to write: its data, where unchanged data lies in the input, and (over 2 GB)
+    where the data goes after the flatbuffer."""
+
+    __slots__ = ("data", "source_offset", "file_offset")
+
+    def __init__(self, buffer: Table) -> None:
+        self.data = buffer.data
+        unchanged = buffer.get("_source_data") is not None and buffer.data is buffer._source_data
+        self.source_offset = buffer._source_offset if unchanged else None
+        self.file_offset: int | None = None
 
 
 def encode(model: Model, fmt_name: str | None = None) -> bytes:
@@ -468,9 +874,53 @@ def encode_image(
     by size (over EXTERNAL_DATA_BYTES, which a single flatbuffer cannot hold).
     """
     fmt = formats.get(fmt_name or model.format)
-    encoder = _Encoder(model, fmt)
     keep, buffer_map = used_buffer_map(model)
+    root = _root_table(model, fmt, buffer_map)
+    buffers = [_BufferEntry(model.buffers[i]) for i in keep]
+    root.buffers = buffers
+    data_bytes = sum(len(b.data) for b in buffers if b.data is not None)
+    tables = 64 * len(keep) + (1 << 20)
+    tables += 4096 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs)
+    if external is None:
+        external = data_bytes + BUFFER_ALIGNMENT * len(keep) > EXTERNAL_DATA_BYTES
+    source = formats.get(model.format)
+    if not external:
+        # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
+        # and the slack) cost nothing.
+        writer = _Writer(fmt, source, min(data_bytes + tables, MAX_FLATBUFFER_SIZE))
+        image = writer.builder.finish(writer.table(root, "model"), fmt.identifier)
+        total = len(image) + writer.builder.head
+        head = writer.builder.head
+        return Encoded(
+            image,
+            [(total - from_end - head, data, source) for from_end, data, source in writer.holes],
+        )
+    # Over 2 GB: every buffer with data keeps it after the flatbuffer, at a 16-byte aligned
+    # file offset (Buffer.offset/size, which LiteRT reads). The tables are written once with
+    # placeholder offsets to learn their size, which real offsets (all > 1) do not change.
+    _require_external_buffers(fmt)
+    outside = [b for b in buffers if b.data is not None and len(b.data)]
+    for buffer in outside:
+        buffer.file_offset = 2
+    writer = _Writer(fmt, source, tables)
+    size = len(writer.builder.finish(writer.table(root, "model"), fmt.identifier))
+    position = size
+    placed = []
+    for buffer in outside:
+        position = -(-position // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+        buffer.file_offset = position
+        placed.append((position, buffer.data, buffer.source_offset))
+        position += len(buffer.data)
+    writer = _Writer(fmt, source, tables)
+    image = writer.builder.finish(writer.table(root, "model"), fmt.identifier)
+    if len(image) != size:  # pragma: no cover - would be a writer change
+        raise ModelError("internal: the model's tables changed size between packings")
+    return Encoded(image, placed, position)
 
+
+def _root_table(model: Model, fmt: Format, buffer_map: dict[int, int]) -> Table:
+    """The Model table to write: the neutral model's fields in the target format's terms
+    (operator-code indices, tensor type numbers, remapped buffer indices)."""
     opcodes = list(model.opcodes)
     known = {id(code) for code in opcodes}
     for subgraph in model.subgraphs:
@@ -479,31 +929,32 @@ def encode_image(
                 known.add(id(op.opcode))
                 opcodes.append(op.opcode)
     opcode_index = {id(code): i for i, code in enumerate(opcodes)}
-    opcode_objects = [_opcode_object(encoder, code) for code in opcodes]
 
     tensor_types = fmt.enum("TensorType")
-    subgraph_objects = []
-    for s, subgraph in enumerate(model.subgraphs):
+    keeps_data_format = "dataFormat" in fmt.layout("SubGraph").names
+    subgraphs = []
+    for subgraph in model.subgraphs:
         shell = subgraph.copy()
-        shell.tensors, shell.operators = [], []
-        shell.__dict__.pop("dataFormat", None)
-        sg = encoder.table(shell, f"subgraph {s}")
+        if not keeps_data_format:
+            shell.__dict__.pop("dataFormat", None)
+        shell.tensors = []
         for tensor in subgraph.tensors:
-            if tensor.type not in tensor_types:
+            number = tensor_types.get(tensor.type)
+            if number is None:
                 raise ModelError(
                     f"tensor {tensor.name!r}: the {fmt.name} schema has no type {tensor.type}"
                 )
             shell_tensor = tensor.copy()
-            shell_tensor.type = tensor_types[tensor.type]
+            shell_tensor.type = number
             shell_tensor.buffer = buffer_map[tensor.buffer]
-            sg.tensors.append(encoder.table(shell_tensor, f"tensor {tensor.name!r}"))
-        for i, op in enumerate(subgraph.operators):
+            shell.tensors.append(shell_tensor)
+        shell.operators = []
+        for op in subgraph.operators:
             shell_op = op.copy()
             del shell_op.opcode
-            obj = encoder.table(shell_op, f"operator {i} ({op.opcode.name}) of subgraph {s}")
-            obj.opcodeIndex = opcode_index[id(op.opcode)]
-            sg.operators.append(obj)
-        subgraph_objects.append(sg)
+            shell_op.opcodeIndex = opcode_index[id(op.opcode)]
+            shell.operators.append(shell_op)
+        subgraphs.append(shell)
 
     root = model.root.copy()
     if fmt.name != model.format:  # each format numbers its schema versions its own way
@@ -513,50 +964,13 @@ def encode_image(
         root.metadata = [entry.copy() for entry in metadata]
         for entry in root.metadata:
             entry.buffer = buffer_map[entry.buffer]
-    model_object = encoder.table(root, "model")
-    model_object.operatorCodes = opcode_objects
-    model_object.subgraphs = subgraph_objects
-    holes: list[tuple[int, np.ndarray, int | None]] = []
-    model_object.buffers = [_packed(fmt, model.buffers[i], holes) for i in keep]
-    data_bytes = sum(len(model.buffers[i].data) for i in keep if model.buffers[i].data is not None)
-    tables = 64 * len(keep) + (1 << 20)
-    tables += 4096 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs)
-    data_formats = [sg.get("dataFormat", 0) for sg in model.subgraphs]
-    if external is None:
-        external = data_bytes + BUFFER_ALIGNMENT * len(keep) > EXTERNAL_DATA_BYTES
-    if not external:
-        # Generous: the builder's memory is an anonymous map, and untouched pages (the holes
-        # and the slack) cost nothing.
-        image = _pack(
-            model_object, fmt, min(data_bytes + tables, MAX_FLATBUFFER_SIZE), data_formats
-        )
-        total, head = len(image.obj), len(image.obj) - len(image)
-        return Encoded(
-            image, [(total - from_end - head, data, source) for from_end, data, source in holes]
-        )
-    # Over 2 GB: every buffer with data keeps it after the flatbuffer, at a 16-byte aligned
-    # file offset (Buffer.offset/size, which LiteRT reads). The tables are packed once with
-    # placeholder offsets to learn their size, which real offsets (all > 1) do not change.
-    _require_external_buffers(fmt)
-    outside = [b for b in model_object.buffers if b.data is not None and len(b.data)]
-    for buffer in outside:
-        buffer.file_offset = 2
-    size = len(_pack(model_object, fmt, tables, data_formats))
-    position = size
-    placed = []
-    for buffer in outside:
-        position = -(-position // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
-        buffer.file_offset = position
-        placed.append((position, buffer.data, buffer.source_offset))
-        position += len(buffer.data)
-    image = _pack(model_object, fmt, tables, data_formats)
-    if len(image) != size:  # pragma: no cover - would be a flatbuffers change
-        raise ModelError("internal: the model's tables changed size between packings")
-    return Encoded(image, placed, position)
+    root.operatorCodes = [_opcode_table(fmt, code) for code in opcodes]
+    root.subgraphs = subgraphs
+    return root
 
 
 def _require_external_buffers(fmt: Format) -> None:
-    if fmt.function("Buffer", "BufferAddOffset") is None:
+    if "offset" not in fmt.layout("Buffer").names:
         raise ModelError(
             f"the model is larger than 2 GB, and the {fmt.name} schema has no Buffer.offset "
             "to keep weights after the flatbuffer"
@@ -568,31 +982,6 @@ def check_size(model: Model, fmt_name: str | None = None) -> None:
     data_bytes = sum(len(b.data) for b in model.buffers if b.data is not None)
     if data_bytes > EXTERNAL_DATA_BYTES:
         _require_external_buffers(formats.get(fmt_name or model.format))
-
-
-def _pack(model_object: Any, fmt: Format, size: int, data_formats: list[int]) -> memoryview:
-    builder = _builder(size)
-    try:
-        with _circle_data_format_writer(fmt, data_formats):
-            offset = model_object.Pack(builder)
-        builder.Finish(offset, file_identifier=fmt.identifier)
-    except flatbuffers.builder.BuilderSizeError:
-        raise ModelError(
-            "the model's tables are larger than 2 GB, which a single flatbuffer cannot hold"
-        ) from None
-    return memoryview(builder.Bytes)[builder.Head() :]
-
-
-def _builder(size: int) -> flatbuffers.Builder:
-    builder = flatbuffers.Builder(0)
-    builder.Bytes = mmap.mmap(-1, size) if size >= 1 << 20 else bytearray(size)
-    builder.head = size
-    return builder
-
-
-def _packed(fmt: Format, buffer: Table, holes: list) -> _PackedBuffer:
-    unchanged = buffer.get("_source_data") is not None and buffer.data is buffer._source_data
-    return _PackedBuffer(fmt, buffer.data, buffer._source_offset if unchanged else None, holes)
 
 
 def inconsistent_opcodes(model: Model) -> list[str]:
@@ -620,26 +1009,27 @@ def inconsistent_opcodes(model: Model) -> list[str]:
     return found
 
 
-def _opcode_object(encoder: _Encoder, code: OpCode) -> Any:
-    fmt = encoder.fmt
+def _opcode_table(fmt: Format, code: OpCode) -> Table:
     if (
         code.source is not None
         and code.source_format == fmt.name
         and code.source.version == code.version
     ):
-        obj = encoder.table(code.source, f"operator code {code.name}")
+        table = code.source.copy()
         # Both code fields as current writers set them, whatever the input had (some older
         # writers left builtin_code at 0, which readers of builtin_code alone take for ADD).
-        obj.deprecatedBuiltinCode, obj.builtinCode = fmt.op_codes(code.name)
-        return obj
+        table.deprecatedBuiltinCode, table.builtinCode = fmt.op_codes(code.name)
+        return table
     try:
         deprecated, builtin = fmt.op_codes(code.name)
     except KeyError:
         raise ModelError(
             f"operator {code.name} has no equivalent in the {fmt.name} schema"
         ) from None
-    obj = fmt.table_class("OperatorCode")()
-    obj.deprecatedBuiltinCode, obj.builtinCode = deprecated, builtin
-    obj.version = code.version
-    obj.customCode = code.custom_code
-    return obj
+    return Table(
+        "OperatorCode",
+        deprecatedBuiltinCode=deprecated,
+        builtinCode=builtin,
+        version=code.version,
+        customCode=code.custom_code,
+    )

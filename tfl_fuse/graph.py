@@ -8,6 +8,7 @@ a buffer or tensor shared with another user is never changed in place.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -54,6 +55,7 @@ class Graph:
         self.consumers: dict[int, list[Table]] = defaultdict(list)
         self.by_type: dict[str, list[Table]] = defaultdict(list)
         self._dead: set[int] = set()
+        self._order: dict[int, int] | None = None  # _positions(); None when stale
         self._orphans: set[int] = set()
         self._names = {t.name for t in self.tensors}
         for op in self.subgraph.operators:
@@ -88,9 +90,15 @@ class Graph:
         for name in types:
             found.extend(op for op in self.by_type.get(name, ()) if id(op) not in self._dead)
         if len(types) > 1:
-            order = {id(op): i for i, op in enumerate(self.subgraph.operators)}
+            order = self._positions()
             found.sort(key=lambda op: order[id(op)])
         return found
+
+    def _positions(self) -> dict[int, int]:
+        """id(op) -> its index in the operator list, kept until the list changes."""
+        if self._order is None:
+            self._order = {id(op): i for i, op in enumerate(self.subgraph.operators)}
+        return self._order
 
     def live_ops(self, *types: str) -> Iterator[Table]:
         """Operators of the given types in graph order, skipping any a rewrite removed meanwhile."""
@@ -102,7 +110,11 @@ class Graph:
         return id(op) not in self._dead
 
     def consumers_of(self, tensor: int) -> list[Table]:
-        return [op for op in self.consumers.get(tensor, ()) if id(op) not in self._dead]
+        ops = self.consumers.get(tensor)
+        if not ops:
+            return []
+        dead = self._dead
+        return [op for op in ops if id(op) not in dead]
 
     def producer_of(self, tensor: int) -> Table | None:
         op = self.producer.get(tensor)
@@ -130,12 +142,13 @@ class Graph:
         """
         if tensor < 0 or tensor in self.inputs:
             return False
-        t = self.tensors[tensor]
-        if t.type not in NUMPY_DTYPES or t.get("sparsity") is not None:
+        fields = self.tensors[tensor].__dict__  # (the most frequent question rules ask)
+        if fields["type"] not in NUMPY_DTYPES or fields.get("sparsity") is not None:
             return False  # strings, packed int4, sparse data: bytes rules never read
-        if t.get("isVariable") or tensor in self.producer and self.producer_of(tensor) is not None:
+        producer = self.producer.get(tensor)
+        if fields.get("isVariable") or (producer is not None and id(producer) not in self._dead):
             return False
-        data = self.model.buffers[t.buffer].data
+        data = self.model.buffers[fields["buffer"]].data
         return data is not None and len(data) > 0
 
     def constant(self, tensor: int) -> np.ndarray:
@@ -146,7 +159,7 @@ class Graph:
             raise ModelError(f"tensor {t.name!r}: constants of type {t.type} are not supported")
         data = self.model.buffers[t.buffer].data
         shape = [int(d) for d in (t.shape or [])]
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if data is None or len(data) != count * dtype.itemsize:
             raise ModelError(
                 f"tensor {t.name!r}: buffer holds {0 if data is None else len(data)} bytes, "
@@ -299,6 +312,7 @@ class Graph:
             op.builtinOptions = options
         operators = self.subgraph.operators
         operators.insert(next(i for i, o in enumerate(operators) if o is before), op)
+        self._order = None
         self._index_op(op)
         return op
 
@@ -307,6 +321,7 @@ class Graph:
         operators = self.subgraph.operators
         operators.remove(op)
         operators.insert(next(i for i, o in enumerate(operators) if o is anchor), op)
+        self._order = None
 
     def set_op_type(self, op: Table, name: str, version: int | None = None) -> None:
         old = op.opcode
@@ -330,6 +345,7 @@ class Graph:
                 op for op in self.subgraph.operators if id(op) not in self._dead
             ]
             self._dead.clear()
+            self._order = None
         metadata = self.model.root.get("metadata") or []
         if any(entry.name == OFFLINE_MEMORY_METADATA for entry in metadata):
             return  # offline memory plans index tensors: keep the numbering

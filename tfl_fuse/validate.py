@@ -128,6 +128,22 @@ def options_of(format_name: str) -> dict[str, dict[str, str]]:
     return result
 
 
+class _Place:
+    """Where a check looks, put in words only when a check fails (almost none does)."""
+
+    __slots__ = ("template", "args")
+
+    def __init__(self, template: str, *args: object) -> None:
+        self.template = template
+        self.args = args
+
+    def __str__(self) -> str:
+        return self.template.format(*self.args)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def _check_index(value: int, limit: int, what: str, allow_absent: bool = False) -> None:
     if allow_absent and value == -1:
         return
@@ -135,14 +151,44 @@ def _check_index(value: int, limit: int, what: str, allow_absent: bool = False) 
         raise ModelError(f"{what} is {value}, out of range [0, {limit})")
 
 
-def _subgraph_references(options: Table | None) -> list[tuple[str, int]]:
+def _subgraph_references(options: Table | None, fmt: formats.Format) -> list[tuple[str, int]]:
     if options is None:
         return []
-    return [
-        (name, value)
-        for name, value in options.fields().items()
-        if isinstance(value, int) and (name.endswith("SubgraphIndex") or name == "subgraph")
-    ]
+    names = _reference_fields(fmt, options._type)
+    references = []
+    for name in options.fields() if names is None else names:
+        value = options.get(name)
+        if isinstance(value, int) and (name.endswith("SubgraphIndex") or name == "subgraph"):
+            references.append((name, value))
+    return references
+
+
+@cache
+def _reference_fields(fmt: formats.Format, table: str) -> tuple[str, ...] | None:
+    """The fields of an options table that may name a subgraph (None: the schema lacks it)."""
+    layout = fmt.layout(table)
+    if layout is None:
+        return None
+    return tuple(
+        f.name for f in layout.fields if f.name.endswith("SubgraphIndex") or f.name == "subgraph"
+    )
+
+
+def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """numpy's broadcast of ``shapes`` (ValueError where they do not broadcast), without
+    numpy's per-call cost; ranks numpy cannot hold go to numpy to fail as it does."""
+    rank = max((len(shape) for shape in shapes), default=0)
+    if rank > 32:
+        return np.broadcast_shapes(*shapes)
+    result = [1] * rank
+    for shape in shapes:
+        for axis, size in enumerate(shape, rank - len(shape)):
+            if size != 1:
+                if result[axis] == 1:
+                    result[axis] = size
+                elif result[axis] != size:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+    return tuple(result)
 
 
 def validate(model: Model) -> None:
@@ -162,19 +208,22 @@ def validate(model: Model) -> None:
         n_tensors = len(subgraph.tensors)
         where = f"subgraph {s}"
         for t, tensor in enumerate(subgraph.tensors):
-            tensor_where = f"{where}: tensor {t} ({tensor.name!r})"
-            _check_index(tensor.buffer, n_buffers, f"{tensor_where} buffer index")
+            tensor_where = _Place("subgraph {}: tensor {} ({!r})", s, t, tensor.name)
+            if not 0 <= tensor.buffer < n_buffers:
+                _check_index(tensor.buffer, n_buffers, f"{tensor_where} buffer index")
             _check_tensor(model, tensor, tensor_where)
         for i in subgraph.inputs:
             _check_index(i, n_tensors, f"{where}: input tensor index")
         for o in subgraph.outputs:
             _check_index(o, n_tensors, f"{where}: output tensor index")
         for k, op in enumerate(subgraph.operators):
-            op_where = f"{where}: operator {k} ({op.opcode.name})"
+            op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
             for i in op.inputs:
-                _check_index(i, n_tensors, f"{op_where} input tensor index", allow_absent=True)
+                if not -1 <= i < n_tensors:
+                    _check_index(i, n_tensors, f"{op_where} input tensor index", allow_absent=True)
             for o in op.outputs:
-                _check_index(o, n_tensors, f"{op_where} output tensor index", allow_absent=True)
+                if not -1 <= o < n_tensors:
+                    _check_index(o, n_tensors, f"{op_where} output tensor index", allow_absent=True)
             for i in op.get("intermediates") or []:
                 _check_index(
                     i, n_tensors, f"{op_where} intermediate tensor index", allow_absent=True
@@ -182,7 +231,7 @@ def validate(model: Model) -> None:
             _check_arity(op, subgraph.tensors, model.buffers, op_where)
             _check_options(op, expected_options.get(op.opcode.name), op_where, fmt)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
-                for name, value in _subgraph_references(options):
+                for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         _check_acyclic(subgraph, where)
     for signature in model.signature_defs:
@@ -234,7 +283,7 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
 
 
 def _check_options(
-    op: Table, expected: dict[str, str] | None, where: str, fmt: formats.Format
+    op: Table, expected: dict[str, str] | None, where: str | _Place, fmt: formats.Format
 ) -> None:
     """The operator's options tables are the ones its type takes, with strides/dilations >= 1."""
     if op.opcode.name in FREE_OPTIONS or op.opcode.custom_code:
@@ -255,7 +304,7 @@ def _check_options(
                 raise ModelError(f"{where}: {options._type}.{name} is {value}, must be >= 1")
 
 
-def _check_tensor(model: Model, tensor: Table, where: str) -> None:
+def _check_tensor(model: Model, tensor: Table, where: str | _Place) -> None:
     shape = tensor.get("shape") or []
     if any(d < 0 for d in shape):
         raise ModelError(f"{where} has a negative dimension in its shape {list(shape)}")
@@ -275,7 +324,7 @@ def _check_tensor(model: Model, tensor: Table, where: str) -> None:
     _check_quantization(tensor.get("quantization"), shape, where)
 
 
-def _check_quantization(q: Table | None, shape: list[int], where: str) -> None:
+def _check_quantization(q: Table | None, shape: list[int], where: str | _Place) -> None:
     """Scales finite, one zero point per scale, one scale per slice of quantizedDimension."""
     if q is None:
         return
@@ -312,7 +361,9 @@ def _needs_table(fmt: formats.Format, table: str) -> bool:
     return any(defaults.get(name, 1) < 1 for name in POSITIVE_FIELDS)
 
 
-def _check_arity(op: Table, tensors: list[Table], buffers: list[Table], where: str) -> None:
+def _check_arity(
+    op: Table, tensors: list[Table], buffers: list[Table], where: str | _Place
+) -> None:
     arity = ARITY.get(op.opcode.name)
     if arity is None:
         return
@@ -343,7 +394,7 @@ def _check_arity(op: Table, tensors: list[Table], buffers: list[Table], where: s
     if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
-            shape = np.broadcast_shapes(*shapes)
+            shape = _broadcast_shape(shapes)
         except ValueError:
             raise ModelError(
                 f"{where}: operand shapes {list(shapes[0])} and {list(shapes[1])} do not broadcast"
@@ -355,7 +406,7 @@ def _check_arity(op: Table, tensors: list[Table], buffers: list[Table], where: s
             )
 
 
-def _check_layer_channels(op: Table, tensors: list[Table], where: str) -> None:
+def _check_layer_channels(op: Table, tensors: list[Table], where: str | _Place) -> None:
     """A layer's output channels are its weights' (and bias') output channels, as LiteRT checks."""
     weight_input, bias_input, axis, rank = LAYER_CHANNELS[op.opcode.name]
     weight_shape = list(tensors[op.inputs[weight_input]].get("shape") or [])
@@ -380,7 +431,9 @@ def _check_layer_channels(op: Table, tensors: list[Table], where: str) -> None:
             raise ModelError(f"{where}: bias of shape {bias_shape} for {channels} channels")
 
 
-def _check_transpose(op: Table, tensors: list[Table], buffers: list[Table], where: str) -> None:
+def _check_transpose(
+    op: Table, tensors: list[Table], buffers: list[Table], where: str | _Place
+) -> None:
     """The permutation is 1-D, of the input's rank, and (when constant) gives the output shape."""
     perm = tensors[op.inputs[1]]
     perm_shape = list(perm.get("shape") or ())

@@ -13,7 +13,9 @@ tensorflow-cpu, cached in build/cache):
 * scaling: optimize time per 1,000 ops of synthetic chains of conv+BN blocks built by the chef.
 
 Writes bench/results.json, bench/results.md and bench/chart.png. Prints figures; never fails
-on timing.
+on timing. ``--sections cost,scaling`` measures only those sections and replaces only their
+tables in an existing bench/results.md (the other sections, and the quantization section
+quantbench.py writes, stay as they are).
 """
 
 from __future__ import annotations
@@ -72,7 +74,12 @@ def run_measured(command: list[str]) -> tuple[float, int]:
     return float(wall), int(rss)
 
 
-def tool_cost(path: Path, work: Path, repeats: int) -> dict:
+def startup_rss() -> int:
+    """Peak RSS bytes of the tool starting and exiting (imports, no model): the baseline."""
+    return max(run_measured([sys.executable, "-m", "tfl_fuse", "--version"])[1] for _ in range(3))
+
+
+def tool_cost(path: Path, work: Path, repeats: int, baseline_rss: int) -> dict:
     ours, round_trip, theirs = [], [], []
     for _ in range(repeats):  # interleaved, so disk and cache state hit all three alike
         ours.append(
@@ -126,6 +133,8 @@ def tool_cost(path: Path, work: Path, repeats: int) -> dict:
     result["ratio_round_trip"] = result["round_trip_s"] / result["theirs_s"]
     result["ratio_inproc"] = result["ours_inproc_s"] / result["theirs_inproc_s"]
     result["rss_over_file"] = result["ours_rss_mb"] * 1e6 / size
+    result["baseline_rss_mb"] = baseline_rss / 1e6
+    result["rss_above_baseline_over_file"] = (result["ours_rss_mb"] * 1e6 - baseline_rss) / size
     return result
 
 
@@ -260,6 +269,10 @@ def machine() -> dict:
         "tensorflow": tf.__version__,
         "ai_edge_litert": version(ai_edge_litert),
         "tfl_fuse": tfl_fuse.__version__,
+        "commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?",
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -278,26 +291,40 @@ INFERENCE_COLUMNS = [
 ]
 
 
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [
+def machine_line(m: dict) -> str:
+    return (
         f"Machine: {m['cores']} cores ({m['cpu']}), Python {m['python']}, numpy {m['numpy']}, tensorflow {m['tensorflow']}, "
-        f"ai-edge-litert {m['ai_edge_litert']}, tfl_fuse {m['tfl_fuse']}; {m['date']}. Reproduce: `make bench`.",
-        "",
+        f"ai-edge-litert {m['ai_edge_litert']}, tfl_fuse {m['tfl_fuse']}; {m['date']}. Reproduce: `make bench`."
+    )
+
+
+def cost_markdown(results: dict) -> list[str]:
+    lines = [
         "Tool cost: each command in a fresh process, median of the runs (start-up and imports included, output",
         "fsync'ed by tfl_fuse only); in-process: `optimize_file` vs `write_model(read_model())` without start-up.",
         "",
-        "| model | file MB | tfl_fuse s | tfl_fuse --rules none s | LiteRT read+write s | ratio | round-trip ratio | in-process ratio | tfl_fuse peak RSS MB | x file | LiteRT RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | file MB | tfl_fuse s | tfl_fuse --rules none s | LiteRT read+write s | ratio | round-trip ratio | in-process ratio | tfl_fuse peak RSS MB | x file | x file above start-up | LiteRT RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines_defs = COST_COLUMNS
     for name, r in results["models"].items():
         c = r["cost"]
+        above = c.get("rss_above_baseline_over_file")
         lines.append(
             f"| {name} | {c['file_mb']:.1f} | {c['ours_s']:.2f} | {c['round_trip_s']:.2f} | {c['theirs_s']:.2f} | {c['ratio_process']:.2f} | "
-            f"{c['ratio_round_trip']:.2f} | {c['ratio_inproc']:.2f} | {c['ours_rss_mb']:.0f} | {c['rss_over_file']:.2f} | {c['theirs_rss_mb']:.0f} |"
+            f"{c['ratio_round_trip']:.2f} | {c['ratio_inproc']:.2f} | {c['ours_rss_mb']:.0f} | {c['rss_over_file']:.2f} | "
+            f"{'-' if above is None else f'{above:.2f}'} | {c['theirs_rss_mb']:.0f} |"
         )
-    lines += ["", *lines_defs]
+    baselines = {
+        round(r["cost"]["baseline_rss_mb"])
+        for r in results["models"].values()
+        if "baseline_rss_mb" in r["cost"]
+    }
+    lines += ["", *COST_COLUMNS]
+    if baselines:
+        lines[-1] += (
+            f" *x file above start-up* = (tfl_fuse peak RSS - the peak RSS of `python -m tfl_fuse --version`, "
+            f"{'/'.join(str(b) for b in sorted(baselines))} MB) / file size."
+        )
     per_mb = [
         (name, r["cost"]["ours_inproc_s"] / r["cost"]["file_mb"] * 100)
         for name, r in results["models"].items()
@@ -309,8 +336,11 @@ def markdown(results: dict) -> str:
             "Linear in model size (in-process tfl_fuse seconds per 100 MB): "
             + ", ".join(f"{n} {v:.2f}" for n, v in per_mb),
         ]
-    lines += [
-        "",
+    return lines
+
+
+def inference_markdown(results: dict) -> list[str]:
+    lines = [
         "Coverage and inference (LiteRT, XNNPACK, median latency, original/optimized interleaved):",
         "",
         "| model | MUL/ADD/SUB/DIV before | after | ops before -> after | max abs diff | 1 thread ms (orig -> opt) | speed-up | 2 threads ms | speed-up |",
@@ -338,8 +368,11 @@ def markdown(results: dict) -> str:
             f"{', '.join(unchanged)}: tfl_fuse changes nothing there (the converter folded every BN), so their "
             "latency ratio shows the noise of the measurement.",
         ]
-    lines += [
-        "",
+    return lines
+
+
+def scaling_markdown(results: dict) -> list[str]:
+    lines = [
         "Scaling (synthetic chains of CONV_2D + MUL + ADD blocks built by the chef, in-process optimize):",
         "",
         "| blocks | ops | ops after | seconds | ms per 1,000 ops |",
@@ -349,7 +382,57 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {row['blocks']} | {row['ops']} | {row['ops_after']} | {row['seconds']:.2f} | {row['ms_per_1000_ops']:.0f} |"
         )
-    lines += ["", "![latency ratios and op counts](chart.png)", ""]
+    return lines
+
+
+# Where each section's text begins in results.md (it ends where the next one begins).
+SECTION_STARTS = {
+    "cost": "Tool cost:",
+    "inference": "Coverage and inference",
+    "scaling": "Scaling (",
+}
+SECTION_WRITERS = {
+    "cost": cost_markdown,
+    "inference": inference_markdown,
+    "scaling": scaling_markdown,
+}
+CHART = "![latency ratios and op counts](chart.png)"
+
+
+def markdown(results: dict) -> str:
+    lines = [machine_line(results["machine"]), ""]
+    for name in SECTIONS:
+        lines += [*SECTION_WRITERS[name](results), ""]
+    lines += [CHART, ""]
+    return "\n".join(lines)
+
+
+def replace_sections(text: str, results: dict, sections: list[str]) -> str:
+    """``text`` (a results.md) with the tables of ``sections`` made again from ``results``.
+
+    A section runs from its first line (SECTION_STARTS) to the next section or the chart;
+    everything else, including the quantization section after the chart, stays.
+    """
+    lines = text.split("\n")
+    for name in sections:
+        starts = [i for i, line in enumerate(lines) if line.startswith(SECTION_STARTS[name])]
+        if not starts:
+            raise SystemExit(f"{name}: no such section in the results file; run all sections")
+        start = starts[0]
+        ends = [
+            i
+            for i, line in enumerate(lines)
+            if i > start
+            and (line == CHART or any(line.startswith(s) for s in SECTION_STARTS.values()))
+        ]
+        end = ends[0] if ends else len(lines)
+        m = results["machine"]
+        note = (
+            f"({name}: re-measured on {m['date']}, commit {m.get('commit', '?')}, with "
+            f"`tools/bench.py --sections {','.join(sections)}`; the other tables are from the run "
+            "dated at the top.)"
+        )
+        lines[start:end] = [*SECTION_WRITERS[name](results), "", note, ""]
     return "\n".join(lines)
 
 
@@ -445,9 +528,19 @@ def chart(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SECTIONS = ("cost", "inference", "scaling")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated sections to measure: cost (tool time and memory), inference "
+        "(coverage and latency), scaling (synthetic chains); with fewer than all, only their "
+        "tables in OUT/results.md are replaced",
+    )
     parser.add_argument("--invokes", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chains", default="1000,2000,5000")
@@ -456,35 +549,65 @@ def main(argv: list[str] | None = None) -> int:
         "--replot", action="store_true", help="only redraw chart.png from OUT/results.json"
     )
     args = parser.parse_args(argv)
+    sections = [s for s in SECTIONS if s in args.sections.split(",")]
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown or not sections:
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         chart(json.loads((out / "results.json").read_text()), out / "chart.png")
         return 0
     results: dict = {"machine": machine(), "models": {}}
-    with tempfile.TemporaryDirectory() as work_dir:
-        work = Path(work_dir)
-        for name in args.models.split(","):
-            print(f"[bench] {name}: building (cached)", flush=True)
-            path = kerasmodels.application(
-                name, input_shape=(224, 224, 3), classifier_activation=None
-            )
-            cost = tool_cost(path, work, args.repeats)
-            cov, original, optimized = coverage(path)
-            lat = {str(t): latency(original, optimized, t, args.invokes) for t in (1, 2)}
-            results["models"][name] = {"cost": cost, "coverage": cov, "latency": lat}
-            print(
-                f"[bench] {name}: ratio {cost['ratio_process']:.2f} (in-process {cost['ratio_inproc']:.2f}), "
-                f"RSS {cost['rss_over_file']:.2f}x file, MUL {cov['before']['MUL']}->{cov['after']['MUL']}, "
-                f"ADD {cov['before']['ADD']}->{cov['after']['ADD']}, speed-up {lat['1']['speedup']:.3f}/{lat['2']['speedup']:.3f}",
-                flush=True,
-            )
-    results["scaling"] = scaling([int(n) for n in args.chains.split(",")])
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
+    if "cost" in sections or "inference" in sections:
+        baseline_rss = startup_rss() if "cost" in sections else 0
+        with tempfile.TemporaryDirectory() as work_dir:
+            work = Path(work_dir)
+            for name in args.models.split(","):
+                print(f"[bench] {name}: building (cached)", flush=True)
+                path = kerasmodels.application(
+                    name, input_shape=(224, 224, 3), classifier_activation=None
+                )
+                entry = results["models"][name] = {}
+                if "cost" in sections:
+                    cost = entry["cost"] = tool_cost(path, work, args.repeats, baseline_rss)
+                    print(
+                        f"[bench] {name}: ratio {cost['ratio_process']:.2f} (in-process {cost['ratio_inproc']:.2f}), "
+                        f"RSS {cost['rss_over_file']:.2f}x file ({cost['rss_above_baseline_over_file']:.2f}x above start-up)",
+                        flush=True,
+                    )
+                if "inference" in sections:
+                    cov, original, optimized = coverage(path)
+                    lat = {str(t): latency(original, optimized, t, args.invokes) for t in (1, 2)}
+                    entry["coverage"], entry["latency"] = cov, lat
+                    print(
+                        f"[bench] {name}: MUL {cov['before']['MUL']}->{cov['after']['MUL']}, "
+                        f"ADD {cov['before']['ADD']}->{cov['after']['ADD']}, speed-up {lat['1']['speedup']:.3f}/{lat['2']['speedup']:.3f}",
+                        flush=True,
+                    )
+    if "scaling" in sections:
+        results["scaling"] = scaling([int(n) for n in args.chains.split(",")])
+    if len(sections) == len(SECTIONS):
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        text = markdown(results)
+        previous = (out / "results.md").read_text() if (out / "results.md").exists() else ""
+        if CHART in previous:  # keep what other tools append after the chart (quantization)
+            text = text.rstrip("\n") + previous.split(CHART, 1)[1]
+        (out / "results.md").write_text(text)
+        chart(results, out / "chart.png")
+        print(text)
+        return 0
+    if (out / "results.json").exists():  # keep the sections not measured now
+        merged = json.loads((out / "results.json").read_text())
+        for name, entry in results["models"].items():
+            merged.setdefault("models", {}).setdefault(name, {}).update(entry)
+        if "scaling" in results:
+            merged["scaling"] = results["scaling"]
+        (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    text = replace_sections((out / "results.md").read_text(), results, sections)
     (out / "results.md").write_text(text)
-    chart(results, out / "chart.png")
-    print(text)
+    for name in sections:
+        print("\n".join(SECTION_WRITERS[name](results)))
     return 0
 
 

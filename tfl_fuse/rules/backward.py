@@ -28,9 +28,6 @@ concat then outputs the op's tensor.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-
 import numpy as np
 
 from ..graph import Graph
@@ -47,6 +44,7 @@ from .predicates import (
     require_float32,
     require_float_constant,
     require_single_consumer,
+    scaled_float32,
     set_fused_activation,
 )
 
@@ -60,48 +58,11 @@ def scale_along_axis(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.nd
     return weights.astype(np.float64) * scale.reshape(shape)
 
 
-FOLD_CHUNK_VALUES = 1 << 22  # weights scaled this many values at a time (32 MB in float64)
-
-
 def scaled_weights(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
-    """float32 weights * scale along ``axis``, in float64 chunk by chunk, checked finite.
-
-    Chunks keep the float64 working set small whatever the layer's size: a 2.4 GB layer needs
-    its float32 result and 32 MB, not 4.8 GB of float64 temporaries.
-    """
+    """float32 weights * scale along ``axis``, in float64 chunk by chunk, checked finite."""
     shape = [1] * weights.ndim
     shape[axis] = -1
-    factors = scale.reshape(shape)
-    result = np.empty(weights.shape, np.float32)
-    rows = max(1, FOLD_CHUNK_VALUES // max(1, weights[0].size))  # layer weights have rank >= 2
-    for start in range(0, len(weights), rows):
-        part = slice(start, start + rows)
-        chunk = weights[part].astype(np.float64) * (factors[part] if axis == 0 else factors)
-        require_finite(chunk)
-        result[part] = chunk
-        _release_mapped_pages(weights[part])
-    return result
-
-
-def _release_mapped_pages(array: np.ndarray) -> None:
-    """Let the kernel drop the pages of the input file that ``array`` (read) maps.
-
-    The input is mapped read-only; pages read once stay counted in the process's memory
-    until released, so a layer of N GB would otherwise cost N GB more than its result.
-    """
-    source = array
-    while isinstance(source, np.ndarray) and source.base is not None:
-        source = source.base
-    mapped = source.obj if isinstance(source, memoryview) else source
-    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
-        return
-    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
-    start = array.__array_interface__["data"][0] - base
-    page = mmap.PAGESIZE
-    first, end = -(-start // page) * page, (start + array.nbytes) // page * page
-    if end > first:
-        with contextlib.suppress(OSError, ValueError):
-            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+    return scaled_float32(weights, scale.reshape(shape))
 
 
 def layer_bias(graph: Graph, layer: Table, channels: int) -> np.ndarray:

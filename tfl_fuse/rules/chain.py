@@ -55,6 +55,15 @@ def _values(affine: Affine) -> tuple[np.ndarray, np.ndarray]:
     return affine.scale, affine.shift
 
 
+def _follows_linear_op(graph: Graph, op: Table) -> bool:
+    """Some input of ``op`` is computed by a MUL/ADD/SUB/DIV."""
+    for tensor in op.inputs:
+        producer = graph.producer_of(tensor) if tensor >= 0 else None
+        if producer is not None and producer.opcode.name in LINEAR_OPS:
+            return True
+    return False
+
+
 class MergeLinearChain(Rule):
     name = "merge_linear_chain"
     summary = "consecutive per-channel MUL/ADD/SUB/DIV by constants merge into at most one MUL and one ADD"
@@ -62,6 +71,8 @@ class MergeLinearChain(Rule):
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
         for second in graph.live_ops(*LINEAR_OPS):
+            if not _follows_linear_op(graph, second):
+                continue  # (cheap test first: most ops follow a layer)
             try:
                 affine2 = affine_of(graph, second, any_axis=True)
             except Decline:
@@ -69,15 +80,14 @@ class MergeLinearChain(Rule):
             first = graph.producer_of(affine2.data)
             if first is None or first.opcode.name not in LINEAR_OPS:
                 continue
+            if first.opcode.name == "MUL" and second.opcode.name == "ADD":
+                continue  # already the canonical form
             try:
                 affine1 = affine_of(graph, first, any_axis=True)
             except Decline:
                 continue
             if None not in (affine1.axis, affine2.axis) and affine1.axis != affine2.axis:
                 continue  # constants along different axes do not merge into one per-axis op
-            canonical = first.opcode.name == "MUL" and second.opcode.name == "ADD"
-            if canonical:
-                continue
             if fused_activation(first) != "NONE" or not has_one_consumer(graph, first.outputs[0]):
                 why = (
                     f"{first.opcode.name} has fused {fused_activation(first)}"

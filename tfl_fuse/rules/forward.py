@@ -44,6 +44,7 @@ from .predicates import (
     layer_weights,
     require_finite,
     require_float32,
+    scaled_float32,
     spatial_padding_is_zero,
 )
 
@@ -83,11 +84,12 @@ def grouped_input_channel_map(out_channels: int, per_group: int, channels: int) 
 
 
 def absorb_scale(weights: np.ndarray, layer: Table, scale: np.ndarray) -> np.ndarray:
-    """Weights scaled on the input-channel axis; an [O, C / groups] scale (grouped CONV_2D)
-    scales each output channel's slice by its own group's entries."""
+    """float32 weights scaled on the input-channel axis (in float64, rounded once, checked
+    finite); an [O, C / groups] scale (grouped CONV_2D) scales each output channel's slice by
+    its own group's entries."""
     layout = LAYERS[layer.opcode.name]
     if scale.ndim == 2:
-        return weights.astype(np.float64) * scale[:, None, None, :]
+        return scaled_float32(weights, scale[:, None, None, :])
     axis = (
         layout.output_channel_axis
         if layer.opcode.name == "DEPTHWISE_CONV_2D"
@@ -95,7 +97,7 @@ def absorb_scale(weights: np.ndarray, layer: Table, scale: np.ndarray) -> np.nda
     )
     shape = [1] * weights.ndim
     shape[axis] = -1
-    return weights.astype(np.float64) * scale.reshape(shape)
+    return scaled_float32(weights, scale.reshape(shape))
 
 
 def absorbed_shift(weights: np.ndarray, layer: Table, shift: np.ndarray) -> np.ndarray:
@@ -139,7 +141,7 @@ def require_quantization_friendly_scale(layer: Table, scale: np.ndarray, target:
 def plan_consumer(
     graph: Graph, layer: Table, affine: Affine, data_tensor: int, target: str = "float"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """New (weights, bias) for one consumer, or Decline."""
+    """New (float32 weights, float64 bias) for one consumer, or Decline."""
     kind = layer.opcode.name
     if kind not in LAYERS:
         raise Decline(f"consumer {kind} cannot absorb a per-channel constant")
@@ -166,13 +168,13 @@ def plan_consumer(
         raise Decline("FULLY_CONNECTED flattens its input across the channel axis")
     mapping = input_channel_map(graph, layer, weights, channels)
     bias = layer_bias(graph, layer, weights.shape[layout.output_channel_axis])
-    new_weights = (
-        absorb_scale(weights, layer, affine.scale[mapping])
-        if has_scale
-        else weights.astype(np.float64)
-    )
+    if has_scale:
+        new_weights = absorb_scale(weights, layer, affine.scale[mapping])  # checked finite
+    else:
+        new_weights = weights
+        require_finite(weights)
     new_bias = bias + absorbed_shift(weights, layer, affine.shift[mapping]) if has_shift else bias
-    require_finite(new_weights, new_bias)
+    require_finite(new_bias)
     return new_weights, new_bias
 
 
@@ -214,7 +216,9 @@ class FoldIntoFollowingLayers(Rule):
             )
             for layer, (weights, bias) in plans:
                 layout = LAYERS[layer.opcode.name]
-                graph.set_constant(layer, layout.weight_input, weights.astype(np.float32))
+                graph.set_constant(
+                    layer, layout.weight_input, weights.astype(np.float32, copy=False)
+                )
                 if np.any(affine.shift):
                     set_layer_bias(graph, layer, bias)
                 graph.replace_input(layer, layout.data_input, affine.data)

@@ -175,7 +175,7 @@ def apply_weights(graph: Graph, plan: Plan) -> None:
 
     for layer, weights in plan.weights.values():
         position = LAYERS[layer.opcode.name].weight_input
-        graph.set_constant(layer, position, weights.astype(np.float32))
+        graph.set_constant(layer, position, weights.astype(np.float32, copy=False))
     for layer, bias in plan.biases.values():
         set_layer_bias(graph, layer, bias)
 

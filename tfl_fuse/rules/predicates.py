@@ -6,6 +6,9 @@ and raises :class:`Decline` with a reason a user can read (``per_channel_vector`
 
 from __future__ import annotations
 
+import contextlib
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,12 +142,81 @@ def require_float_constant(graph: Graph, tensor: int, what: str) -> np.ndarray:
     return graph.constant(tensor)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+SMALL_ARRAY = 64  # values below which plain Python beats numpy's per-call cost
+
+
 def require_finite(*arrays: np.ndarray) -> None:
     for array in arrays:
-        if not np.all(np.isfinite(array)):
+        array = np.asarray(array)
+        if array.size <= SMALL_ARRAY:
+            values = array.ravel().tolist()
+            finite = all(map(math.isfinite, values))
+            largest = max(map(abs, values), default=0.0) if finite else 0.0
+        else:
+            # min and max see every NaN and infinity (NaN propagates), without temporaries
+            low, high = float(array.min()), float(array.max())
+            finite = math.isfinite(low) and math.isfinite(high)
+            largest = max(-low, high) if finite else 0.0
+        if not finite:
             raise Decline("the folded constants would not be finite")
-        if np.any(np.abs(array) > np.finfo(np.float32).max):
+        if largest > FLOAT32_MAX:
             raise Decline("the folded constants would overflow float32")
+
+
+SCALE_CHUNK_VALUES = 1 << 16  # float64 values per step: the temporary stays in the CPU cache
+
+
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Let the kernel drop the pages of the input file that ``array`` (read) maps.
+
+    The input is mapped read-only; pages read once stay counted in the process's memory
+    until released, so a layer of N GB would otherwise cost N GB more than its result.
+    Reading them again later is correct (the kernel maps the file again), only slower.
+    """
+    if array.nbytes < mmap.PAGESIZE:
+        return  # not a whole page
+    source = array
+    while isinstance(source, np.ndarray) and source.base is not None:
+        source = source.base
+    mapped = source.obj if isinstance(source, memoryview) else source
+    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
+        return
+    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - base
+    page = mmap.PAGESIZE
+    first, end = -(-start // page) * page, (start + array.nbytes) // page * page
+    if end > first:
+        with contextlib.suppress(OSError, ValueError):
+            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """float32(weights * factors): each product computed in float64 and rounded once.
+
+    ``factors`` broadcasts to the shape of ``weights``. Declines (as require_finite) where a
+    product would not be finite or would overflow float32. It works a few rows of axis 0 at
+    a time, so the float64 products never exist all at once, and releases the input pages it
+    has read: a 2.4 GB layer needs its float32 result and little more.
+    """
+    if weights.ndim == 0 or weights.size <= SCALE_CHUNK_VALUES:
+        product = np.multiply(weights, factors, dtype=np.float64)
+        require_finite(product)
+        return product.astype(np.float32)
+    result = np.empty(weights.shape, np.float32)
+    rows = max(1, SCALE_CHUNK_VALUES // max(1, weights[0].size))
+    per_row = np.ndim(factors) == weights.ndim and np.shape(factors)[0] != 1
+    chunk = np.empty((min(rows, len(weights)), *weights.shape[1:]), np.float64)
+    for start in range(0, len(weights), rows):
+        part = slice(start, start + rows)
+        product = chunk[: len(weights[part])]
+        np.multiply(weights[part], factors[part] if per_row else factors, out=product)
+        require_finite(product)
+        result[part] = product
+        release_mapped_pages(weights[part])
+    return result
 
 
 # per-channel constants ----------------------------------------------------------------------
@@ -164,7 +236,8 @@ def per_channel_vector(graph: Graph, tensor: int, channels: int, rank: int) -> n
         raise Decline(
             f"constant {graph.name(tensor)!r} of shape {list(shape)} is not per-channel for {channels} channels"
         )
-    return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
+    vector = value.astype(np.float64).reshape(-1)  # a copy of its own
+    return vector if len(vector) == channels else np.full(channels, vector[0])
 
 
 @dataclass

@@ -139,6 +139,8 @@ class MoveBeforeRearrangement(Rule):
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
         for op in graph.live_ops(*LINEAR_OPS):
+            if not self._next_to_rearrangement(graph, op):
+                continue  # (cheap test first: neither _try_above nor _try_below could move it)
             try:
                 affine = affine_of(graph, op, any_axis=True)
             except Decline:
@@ -198,6 +200,16 @@ class MoveBeforeRearrangement(Rule):
         graph.move_before(op, mover)
         self.rewrote(graph, ctx, labels, f"{op.opcode.name} moved above {mover.opcode.name}")
         return True
+
+    @staticmethod
+    def _next_to_rearrangement(graph: Graph, op: Table) -> bool:
+        """A CHANNEL_KEEPING op computes an input of ``op`` or alone reads its output."""
+        for tensor in op.inputs:
+            producer = graph.producer_of(tensor) if tensor >= 0 else None
+            if producer is not None and producer.opcode.name in CHANNEL_KEEPING:
+                return True
+        consumers = graph.consumers_of(op.outputs[0]) if op.outputs else []
+        return len(consumers) == 1 and consumers[0].opcode.name in CHANNEL_KEEPING
 
     @staticmethod
     def _layer_nearby_above(graph: Graph, tensor: int) -> bool:
