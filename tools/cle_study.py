@@ -49,14 +49,8 @@ def candidate_groups(model: Model, granularity: str) -> list[tuple[str, int, int
     """(label, producers, consumers, predicted gain) of every group, in the rule's order."""
     graph = Graph(model, 0)
     ctx = Context(target="int8", weight_granularity=granularity)
-    found, decided = [], set()
-    for first in graph.live_ops(*equalize.LAYER_KINDS):
-        if id(first) in decided or not equalize._is_producer(graph, first):
-            continue
-        group = equalize.find_group(graph, first)
-        if group is None:
-            continue
-        decided.update(id(p) for p in group.producers)
+    found = []
+    for first, group in equalize.groups_in(graph):
         plan = equalize.plan_group(graph, ctx, group, 0.0, activation_statistics(graph))
         if plan is not None:
             label = graph.name(first.outputs[0])
@@ -69,14 +63,8 @@ def equalize_one(base: bytes, index: int, granularity: str) -> bytes:
     model = fb.decode(base)
     graph = Graph(model, 0)
     ctx = Context(target="int8", weight_granularity=granularity)
-    decided, seen = set(), 0
-    for first in graph.live_ops(*equalize.LAYER_KINDS):
-        if id(first) in decided or not equalize._is_producer(graph, first):
-            continue
-        group = equalize.find_group(graph, first)
-        if group is None:
-            continue
-        decided.update(id(p) for p in group.producers)
+    seen = 0
+    for _, group in equalize.groups_in(graph):
         plan = equalize.plan_group(graph, ctx, group, 0.0, activation_statistics(graph))
         if plan is None:
             continue

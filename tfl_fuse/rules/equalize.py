@@ -78,6 +78,7 @@ multiplier 1, FULLY_CONNECTED: no flattening).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -383,15 +384,8 @@ class EqualizeCrossLayer(Rule):
         """One pass deciding each group by the data-free noise model (``MIN_GAIN``)."""
         count = 0
         times = ctx.memo.setdefault(self.name, {})
-        decided: set[int] = set()  # producers whose group this pass already looked at
         stats: dict[int, Stats] | None = None
-        for first in graph.live_ops(*LAYER_KINDS):
-            if id(first) in decided or not _is_producer(graph, first):
-                continue
-            group = find_group(graph, first)
-            if group is None:
-                continue
-            decided.update(id(p) for p in group.producers)
+        for first, group in groups_in(graph):
             key = tuple(sorted(id(p) for p in group.producers))
             if times.get(key, 0) >= MAX_TIMES:
                 continue
@@ -433,14 +427,7 @@ class EqualizeCrossLayer(Rule):
         stats = activation_statistics(graph)
         candidates = []  # (predicted gain, graph order, first producer's output tensor)
         read: list[int] = []  # the tensors the candidates' consumers read
-        decided: set[int] = set()
-        for order, first in enumerate(graph.live_ops(*LAYER_KINDS)):
-            if id(first) in decided or not _is_producer(graph, first):
-                continue
-            group = find_group(graph, first)
-            if group is None:
-                continue
-            decided.update(id(p) for p in group.producers)
+        for order, (first, group) in enumerate(groups_in(graph)):
             try:
                 plan = plan_group(graph, ctx, group, 0.0, stats)
             except Decline as decline:
@@ -589,6 +576,20 @@ class EqualizeCrossLayer(Rule):
 
 def _ratios(ratio: np.ndarray) -> str:
     return ", ".join(f"{r:.3f}x (<= {u:.3f}x)" for r, u in zip(ratio[0], ratio[1]))
+
+
+def groups_in(graph: Graph) -> Iterator[tuple[Table, Group]]:
+    """Each group once, in graph order, with the producer it was found from (lazily: a pass
+    may rewrite the graph between two groups)."""
+    decided: set[int] = set()
+    for first in graph.live_ops(*LAYER_KINDS):
+        if id(first) in decided or not _is_producer(graph, first):
+            continue
+        group = find_group(graph, first)
+        if group is None:
+            continue
+        decided.update(id(p) for p in group.producers)
+        yield first, group
 
 
 def measuring(graph: Graph, ctx: Context) -> bool:
