@@ -705,3 +705,26 @@ def test_standalone_depthwise_refuses_an_overflowing_scale():
         )
         assert "DEPTHWISE_CONV_2D" not in report["ops_after"], report
         assert any("overflow float32" in d["reason"] for d in report["declined"]), report
+
+
+@pytest.mark.parametrize("activation", [0, 1])  # NONE, RELU fused into the ADD
+def test_layer_without_options_table(activation):
+    """A FULLY_CONNECTED with no options table (LiteRT reads defaults; fuzz). A fold that needs
+    no fused activation proceeds; one that would fuse the ADD's RELU declines: there is no table
+    to take it."""
+    data, _ = chef.cook(RECIPES / "Net_Quant_FC_Mul_Add_000")
+
+    def change(m):
+        m.subgraphs[0].operators[0].builtinOptions = None
+        m.subgraphs[0].operators[0].builtinOptionsType = 0
+        m.subgraphs[0].operators[2].builtinOptions.fusedActivationFunction = activation
+
+    model = corrupt(data, change)
+    for target in ("float", "int8"):
+        out, report = tfl_fuse.optimize(model, target=target, verify=True)
+        assert report["verify"]["match"]
+        if activation:
+            assert report["ops_after"].get("ADD", 0) == 1
+            assert any("no options table" in d["reason"] for d in report["declined"])
+        else:
+            assert report["ops_after"].get("MUL", 0) == 0 and report["ops_after"].get("ADD", 0) == 0

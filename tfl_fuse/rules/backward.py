@@ -39,6 +39,7 @@ from .predicates import (
     Affine,
     affine_of,
     fused_activation,
+    has_fused_activation_slot,
     layer_weights,
     require_finite,
     require_float32,
@@ -105,6 +106,8 @@ def activation_after_fold(layer: Table, affine: Affine) -> str:
             f"{affine.op.opcode.name} has fused {op_act}, which {layer.opcode.name} cannot run"
         )
     if layer_act == "NONE":
+        if op_act != "NONE" and not has_fused_activation_slot(layer):
+            raise Decline(f"{layer.opcode.name} has no options table to take the fused {op_act}")
         return op_act
     pure_positive_scale = np.all(affine.scale > 0) and not np.any(affine.shift)
     if layer_act == "RELU" and pure_positive_scale and op_act in ("NONE", "RELU", "RELU6"):

@@ -88,6 +88,10 @@ def activation_code(op: Table) -> int:
 
 
 def set_fused_activation(op: Table, name: str) -> None:
+    """Set the fused activation (copy-on-write of the options table). An operator without an
+    options table has none; rules decline before a fold would need to give it one."""
+    if op.get("builtinOptions") is None and name == "NONE":
+        return
     op.builtinOptions = op.builtinOptions.copy()
     op.builtinOptions.fusedActivationFunction = ACTIVATIONS[name]
 

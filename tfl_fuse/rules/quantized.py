@@ -68,6 +68,7 @@ from .predicates import (
     LINEAR_OPS,
     affine_of,
     fused_activation,
+    has_fused_activation_slot,
     require_single_consumer,
     set_fused_activation,
 )
@@ -236,6 +237,8 @@ def fold_into_quantized_layer(graph: Graph, layer: Table, affine: QuantAffine) -
     activation = fused_activation(affine.op)
     if activation not in ACTIVATIONS_A_LAYER_RUNS:
         raise Decline(f"{affine.op.opcode.name} has fused {activation}, which {kind} cannot run")
+    if activation != "NONE" and not has_fused_activation_slot(layer):
+        raise Decline(f"{kind} has no options table to take the fused {activation}")
     weights = quantized_weights(graph, layer)
     scale, shift = affine.scale, affine.shift
     channels = len(weights.scale)
