@@ -13,7 +13,6 @@ rules would change any model, else 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -247,15 +246,9 @@ def _write_batch_report(
         },
         "options": options.library_arguments(options.output_format),
     }
-    text = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
-    if args.report == "-":
-        sys.stdout.write(text)
-        return EXIT_OK
-    try:
-        write_atomically(args.report, text.encode())
-    except OSError as error:
-        return _fail(f"cannot write report {args.report}: {error.strerror or error}")
-    return EXIT_OK
+    from .cli import _emit_report  # the CLI module imports this one when IN is a folder
+
+    return _emit_report(args, document)
 
 
 def _fail(message: str) -> int:

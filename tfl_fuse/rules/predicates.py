@@ -224,6 +224,21 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 
 # per-channel constants ----------------------------------------------------------------------
+def require_per_channel_shape(
+    graph: Graph, tensor: int, shape: tuple[int, ...], channels: int, rank: int
+) -> None:
+    """Decline unless ``shape`` broadcasts along the last (channel) axis only."""
+    if (
+        len(shape) > rank
+        or any(d != 1 for d in shape[:-1])
+        or (shape and shape[-1] not in (1, channels))
+    ):
+        raise Decline(
+            f"constant {graph.name(tensor)!r} of shape {list(shape)} is not per-channel "
+            f"for {channels} channels"
+        )
+
+
 def per_channel_vector(graph: Graph, tensor: int, channels: int, rank: int) -> np.ndarray:
     """The constant ``tensor`` as a float64 vector of ``channels`` entries, or Decline.
 
@@ -231,15 +246,7 @@ def per_channel_vector(graph: Graph, tensor: int, channels: int, rank: int) -> n
     [1, C], ... [1, ..., 1, C] with at most ``rank`` dimensions.
     """
     value = require_float_constant(graph, tensor, "constant operand")
-    shape = value.shape
-    if (
-        len(shape) > rank
-        or any(d != 1 for d in shape[:-1])
-        or (shape and shape[-1] not in (1, channels))
-    ):
-        raise Decline(
-            f"constant {graph.name(tensor)!r} of shape {list(shape)} is not per-channel for {channels} channels"
-        )
+    require_per_channel_shape(graph, tensor, value.shape, channels, rank)
     vector = value.astype(np.float64).reshape(-1)  # a copy of its own
     return vector if len(vector) == channels else np.full(channels, vector[0])
 

@@ -69,6 +69,7 @@ from .predicates import (
     affine_of,
     fused_activation,
     has_fused_activation_slot,
+    require_per_channel_shape,
     require_single_consumer,
     set_fused_activation,
 )
@@ -101,16 +102,7 @@ def constant_vector(graph: Graph, tensor: int, channels: int, rank: int) -> np.n
     if graph.dtype(tensor) not in ("FLOAT32", *quant.QUANTIZED_ACTIVATION_TYPES):
         raise Decline(f"the constant {graph.name(tensor)!r} is {graph.dtype(tensor)}")
     value = quant.dequantize(graph, tensor)
-    shape = value.shape
-    if (
-        len(shape) > rank
-        or any(d != 1 for d in shape[:-1])
-        or (shape and shape[-1] not in (1, channels))
-    ):
-        raise Decline(
-            f"constant {graph.name(tensor)!r} of shape {list(shape)} is not per-channel "
-            f"for {channels} channels"
-        )
+    require_per_channel_shape(graph, tensor, value.shape, channels, rank)
     return np.broadcast_to(value.reshape(-1), (channels,)).copy()
 
 
