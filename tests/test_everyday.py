@@ -131,6 +131,16 @@ def test_options_that_do_nothing_warn_once(demo, tmp_path, capsys):
     assert code == 0 and err == ""  # a matching pattern and -q: silent
 
 
+def test_float16_folds_warns_where_it_does_nothing(demo, tmp_path, capsys):
+    code, _, err = run(
+        capsys, demo, tmp_path / "o.tflite", "--target", "int8", "--float16-folds", "float32"
+    )
+    assert code == 0
+    assert any("--float16-folds does nothing here" in line for line in warnings(err)), err
+    code, _, err = run(capsys, demo, tmp_path / "o.tflite", "--float16-folds", "float32")
+    assert code == 0 and "--float16-folds" not in err
+
+
 def test_disabling_every_rule_warns(demo, tmp_path, capsys):
     every = ",".join(r.name for r in rules.default_rules())
     code, _, err = run(capsys, demo, tmp_path / "o.tflite", "--disable", every)

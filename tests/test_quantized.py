@@ -82,6 +82,28 @@ def test_float16_weight_net_folds_into_float16_weights():
     assert delegate_partitions(out) <= delegate_partitions(data)
 
 
+@pytest.mark.slow
+def test_float16_folds_float32_keeps_the_float16_model_exact():
+    """--float16-folds float32: the changed weights stay float32, so the model computes what
+    the float16 input did (float32 rounding aside) and passes --verify at the default tolerance.
+    A layer whose weights end float32 takes a float32 bias too (XNNPACK does not delegate the
+    mix): here every layer's."""
+    reference = quantmodels.path("float").read_bytes()
+    data = quantmodels.path("float16").read_bytes()
+    out, report = tfl_fuse.optimize(data, float16_folds="float32", verify=True)
+    assert report["ops_before"]["MUL"] == 3 and report["ops_after"].get("MUL", 0) == 0
+    assert report["verify"]["match"] and report["verify"]["tolerance"] == 1e-5
+    assert report["float16_constants_kept_float32"] == 9  # 8 folded + 1 bias beside them
+    assert "float16_constants_rewritten" not in report
+    assert "DEQUANTIZE" not in report["ops_after"]
+    assert len(out) > len(data)  # two more bytes per changed weight
+    before = quantmodels.rms_error(data, reference)
+    after = quantmodels.rms_error(out, reference)
+    assert after / before <= 1.0 + 1e-3
+    with pytest.raises(ValueError, match="float16_folds must be one of"):
+        tfl_fuse.optimize(data, float16_folds="bfloat16")
+
+
 def test_every_quantized_constant_op_left_is_explained():
     data, _ = chef.cook("recipes/Net_Quant_Conv_PerTensor_Mul_000")
     out, report = tfl_fuse.optimize(data)

@@ -23,7 +23,7 @@ def test_usage_block_is_the_help_usage():
 def test_every_option_is_in_the_options_table():
     table = README[README.index("| option | meaning |") :]
     table = table[: table.index("\n\n")]
-    described = set(re.findall(r"`(--?[a-z][a-z-]*)", table))
+    described = set(re.findall(r"`(--?[a-z][a-z0-9-]*)", table))
     for action in cli.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert set(action.option_strings) & described, action.option_strings

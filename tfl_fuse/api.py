@@ -40,6 +40,9 @@ DEFAULT_TOLERANCE = 1e-5
 # --target int8: how equalize_cross_layer decides (rules/equalize.py): by simulated int8 error
 # (quantsim.py), by the data-free noise model, or "auto": simulated when it fits a budget
 EQUALIZE_MODES = ("auto", "measure", "predict")
+# Float16-weight models, float target: how a weight that a fold changed is stored (float16.py):
+# rounded to float16 again (the model stays small) or kept float32 (exact, larger)
+FLOAT16_FOLDS = ("float16", "float32")
 
 
 class UnknownRuleError(ValueError, KeyError):
@@ -79,6 +82,7 @@ def check_options(
     tolerance: Any = DEFAULT_TOLERANCE,
     equalize: Any = "auto",
     input_range: Any = None,
+    float16_folds: Any = "float16",
 ) -> tuple[list[str] | None, list[str], list[str]]:
     """Validate the public options; ValueError/TypeError name the parameter that is wrong."""
     chosen = _names_argument(rules_to_run, "rules_to_run")
@@ -122,6 +126,10 @@ def check_options(
             ) from None
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             raise ValueError(f"input_range must be finite with low < high, not {input_range!r}")
+    if float16_folds not in FLOAT16_FOLDS:
+        raise ValueError(
+            f"float16_folds must be one of {', '.join(FLOAT16_FOLDS)}, not {float16_folds!r}"
+        )
     return chosen, disabled, patterns
 
 
@@ -142,6 +150,7 @@ def optimize_image(
     tolerance: float = DEFAULT_TOLERANCE,
     equalize: str = "auto",
     input_range: tuple[float, float] | None = None,
+    float16_folds: str = "float16",
 ) -> tuple[fb.Encoded, dict[str, Any]]:
     """Like :func:`optimize`, but the output is an :class:`~tfl_fuse.fb.Encoded` image to write."""
     chosen_names, disabled, patterns = check_options(
@@ -154,9 +163,14 @@ def optimize_image(
         tolerance,
         equalize,
         input_range,
+        float16_folds,
     )
     chosen = rules.select(chosen_names, disabled, target)
-    tuning = {"equalize": equalize, "input_range": _range(input_range)}
+    tuning = {
+        "equalize": equalize,
+        "input_range": _range(input_range),
+        "float16_folds": float16_folds,
+    }
     image, report = _run(
         data, chosen, patterns, output_format, target, weight_granularity, **tuning
     )
@@ -225,9 +239,9 @@ def _run(
     target: str,
     weight_granularity: str,
     stop_after: int | None = None,
-    equalize: str = "auto",
-    input_range: tuple[float, float] | None = None,
+    **tuning: Any,
 ) -> tuple[fb.Encoded, dict[str, Any]]:
+    """Decode, run the rules, encode. ``tuning``: engine.run's keyword options."""
     with fb.collector_paused():  # on many-op models its passes cost a sixth of the run
         model = fb.decode(data)
         source_format = model.format
@@ -240,8 +254,7 @@ def _run(
             target,
             weight_granularity,
             stop_after=stop_after,
-            equalize=equalize,
-            input_range=input_range,
+            **tuning,
         )
         report["normalized"] = normalized
         written_format = output_format or source_format
@@ -261,8 +274,7 @@ def find_culprit(
     weight_granularity: str,
     seed: int,
     tolerance: float,
-    equalize: str = "auto",
-    input_range: tuple[float, float] | None = None,
+    **tuning: Any,
 ) -> dict[str, Any] | None:
     """The first of ``rewrites`` (a full run's, whose output differs) after which outputs differ.
 
@@ -282,8 +294,7 @@ def find_culprit(
             target,
             weight_granularity,
             stop_after=k,
-            equalize=equalize,
-            input_range=input_range,
+            **tuning,
         )
         result = compare_models(data, image.tobytes(), seed=seed, **_tolerances(tolerance, report))
         return not result["match"]
@@ -315,6 +326,7 @@ def optimize(
     tolerance: float = DEFAULT_TOLERANCE,
     equalize: str = "auto",
     input_range: tuple[float, float] | None = None,
+    float16_folds: str = "float16",
 ) -> tuple[bytes, dict[str, Any]]:
     """Optimize model bytes; return (output bytes, report).
 
@@ -333,6 +345,10 @@ def optimize(
     default: measure when the simulation fits a compute budget, else predict).
     ``input_range``: (low, high) of the values the model's image inputs take, for the synthetic
     calibration images of that simulation (default (-1, 1)).
+    ``float16_folds`` (float target, weights stored as float16 behind DEQUANTIZE): a weight a
+    fold changed is rounded to float16 again ("float16", the default: the model stays as small;
+    its outputs move by that rounding) or kept float32 ("float32": exact, the model grows by
+    two bytes per changed weight).
     ``verify``: run LiteRT on both models with inputs seeded by ``seed``; an output element
     matches when |optimized - original| <= tolerance * |original| + tolerance * max |original|.
     Raises ModelError for bad input, TypeError/ValueError naming a wrong argument (an unknown
@@ -352,6 +368,7 @@ def optimize(
         tolerance,
         equalize,
         input_range,
+        float16_folds,
     )
     return image.tobytes(), report
 

@@ -21,6 +21,7 @@ from . import __version__, rules
 from .api import (
     DEFAULT_TOLERANCE,
     EQUALIZE_MODES,
+    FLOAT16_FOLDS,
     VerificationError,
     open_model_file,
     optimize_image,
@@ -150,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "for the synthetic calibration images of --equalize measure (default: -1,1)",
     )
     parser.add_argument(
+        "--float16-folds",
+        choices=FLOAT16_FOLDS,
+        default=None,
+        help="with --target float, for weights stored as float16: store a weight that a fold "
+        "changed as float16 again (the model stays as small; outputs move by that rounding) "
+        "or as float32 (exact; two more bytes per changed weight) (default: float16)",
+    )
+    parser.add_argument(
         "--report", metavar="FILE|-", help="write the JSON report to FILE, or to stdout with '-'"
     )
     parser.add_argument("--dry-run", action="store_true", help="run everything but write no model")
@@ -258,6 +267,7 @@ class Options:
     weight_granularity: str
     equalize: str
     input_range: tuple[float, float] | None
+    float16_folds: str
     verify: bool
     tolerance: float
     output_format: str | None  # as --output-format says (None: by OUT's suffix, else IN's)
@@ -275,6 +285,7 @@ class Options:
             "tolerance": self.tolerance,
             "equalize": self.equalize,
             "input_range": self.input_range,
+            "float16_folds": self.float16_folds,
         }
 
 
@@ -342,6 +353,16 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
             warnings.append(
                 f"{option} does nothing here (it tunes equalize_cross_layer under --target int8)"
             )
+    if args.float16_folds is not None and (
+        args.target != "float"
+        or (
+            "dequantize_float16_weights" in running and "dequantize_float16_weights" not in disabled
+        )
+    ):
+        warnings.append(
+            "--float16-folds does nothing here (float16 weights are stored as float32 "
+            "when dequantize_float16_weights runs, as it does for --target int8 and dynamic)"
+        )
     if args.tolerance is not None and not args.verify:
         warnings.append("--tolerance does nothing without --verify")
     if args.check and args.dry_run:
@@ -354,6 +375,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Option
         weight_granularity=args.weight_granularity or "channel",
         equalize=args.equalize or "auto",
         input_range=args.input_range,
+        float16_folds=args.float16_folds or "float16",
         verify=args.verify,
         tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
         output_format=args.output_format,

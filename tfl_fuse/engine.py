@@ -117,8 +117,11 @@ def run(
     stop_after: int | None = None,
     equalize: str = "auto",
     input_range: tuple[float, float] | None = None,
+    float16_folds: str = "float16",
 ) -> dict[str, Any]:
     """Apply ``rules`` to ``model`` in place until nothing changes; return the report.
+
+    ``float16_folds``: how a float16 weight a fold changed is stored (float16.lower).
 
     ``stop_after``: stop once that many rewrites are made (the run is deterministic, so they
     are the first rewrites of a full run).
@@ -136,7 +139,7 @@ def run(
         rules = []
     ctx.stop_after = stop_after
     passes = 0
-    float16_counts = {"rewritten": 0}
+    float16_counts = {"rewritten": 0, "widened": 0}
     for index, subgraph in enumerate(model.subgraphs):
         if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
             record_decline(
@@ -178,9 +181,9 @@ def run(
             except StopRewriting:
                 stopped = True
         if lifted is not None:
-            counts = float16.lower(graph, lifted)
-            if counts["rewritten"]:
-                float16_counts["rewritten"] += counts["rewritten"]
+            counts = float16.lower(graph, lifted, float16_folds)
+            float16_counts["rewritten"] += counts["rewritten"]
+            float16_counts["widened"] += counts["widened"]
         if not stopped:
             if lifted is None:
                 explain_float16(graph, ctx)
@@ -212,6 +215,11 @@ def run(
         **(
             {"float16_constants_rewritten": float16_counts["rewritten"]}
             if float16_counts["rewritten"]
+            else {}
+        ),
+        **(
+            {"float16_constants_kept_float32": float16_counts["widened"]}
+            if float16_counts["widened"]
             else {}
         ),
         **({"warnings": warnings} if warnings else {}),

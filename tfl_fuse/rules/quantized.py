@@ -46,7 +46,8 @@ scale forward (that would requantize the int8 weights along their input channels
 becomes one float DEPTHWISE_CONV_2D 1x1 with weights s and bias t (exact in float, as
 ``standalone_bn_to_depthwise``). Conditions: float32 rank-4 tensors, the MUL without activation
 and with the ADD/SUB as its only consumer, per-channel constants, and at least one consumer
-holding int8 weights.
+holding int8 weights (directly or through MEAN, pools, PAD, RELU, RESHAPE, as ResNet50V2's head
+BN reaches its int8 FULLY_CONNECTED).
 
 Every quantized MUL / ADD / SUB / DIV by a constant that stays is named in the report with the
 reason (:func:`explain_quantized`).
@@ -548,14 +549,35 @@ class DynamicRangeBnToDepthwise(Rule):
         return count
 
 
+# Ops a per-channel scale would cross on its way forward to the next layer (move_scale_forward
+# takes it through them): an int8-weight layer behind them blocks the fold just the same
+# (ResNet50V2's head: BN -> RELU -> MEAN -> FULLY_CONNECTED).
+CROSSED_ON_THE_WAY = frozenset(
+    {"MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "RELU", "RELU6", "RESHAPE"}
+)
+
+
 def feeds_int8_weight_layer(graph: Graph, tensor: int) -> bool:
-    for user in graph.consumers_of(tensor):
-        layout = LAYERS.get(user.opcode.name)
-        if layout is None or len(user.inputs) <= layout.weight_input:
+    """Whether a layer with int8 weights takes ``tensor``, directly or through ops that a
+    per-channel scale crosses on its way forward (CROSSED_ON_THE_WAY)."""
+    seen: set[int] = set()
+    pending = [tensor]
+    while pending:
+        current = pending.pop()
+        if current in seen:
             continue
-        weights = user.inputs[layout.weight_input]
-        if weights >= 0 and graph.dtype(weights) in ("INT8", "INT4", "UINT8"):
-            return True
+        seen.add(current)
+        for user in graph.consumers_of(current):
+            name = user.opcode.name
+            if name in CROSSED_ON_THE_WAY and user.inputs and user.inputs[0] == current:
+                pending.extend(t for t in user.outputs if t >= 0)
+                continue
+            layout = LAYERS.get(name)
+            if layout is None or len(user.inputs) <= layout.weight_input:
+                continue
+            weights = user.inputs[layout.weight_input]
+            if weights >= 0 and graph.dtype(weights) in ("INT8", "INT4", "UINT8"):
+                return True
     return False
 
 
