@@ -28,7 +28,7 @@ import kerasmodels  # noqa: E402
 import quantbench  # noqa: E402  (tools/, this script's folder)
 
 import tfl_fuse  # noqa: E402
-from tfl_fuse import verify  # noqa: E402
+from tfl_fuse import api, verify  # noqa: E402
 
 
 def calibration(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, path, options in runs:
         data = path.read_bytes()
         out, report = tfl_fuse.optimize(data, **options)
-        comparison = verify.compare_models(data, out)
+        comparison = verify.compare_models(
+            data, out, **api._tolerances(api.DEFAULT_TOLERANCE, report)
+        )
         before, after = report["ops_before"], report["ops_after"]
         e0 = rms(data, reference, shape, args.inputs)
         e1 = rms(out, reference, shape, args.inputs)
