@@ -345,3 +345,19 @@ def test_model_explorer_overlay_marks_the_input_models_ops(demo, tmp_path, capsy
     path.write_text(json.dumps({"declined": declining["declined"], "rewrites": []}))
     assert explorer_overlay.main([str(path), "-o", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["results"] == {"ofm": {"value": 2}}
+
+
+def test_every_library_entry_point_takes_every_option():
+    """optimize, optimize_image and optimize_file take the same options (one was missing
+    float16_folds once), and the CLI's Options hand over the same ones."""
+    import inspect
+
+    from tfl_fuse import api, cli
+
+    expected = list(inspect.signature(api.optimize).parameters)[1:]
+    for function in (api.optimize_image, api.optimize_file):
+        names = list(inspect.signature(function).parameters)
+        assert [n for n in names if n not in ("src", "dst", "data")] == expected, function
+    fields = inspect.signature(cli.Options).parameters
+    options = cli.Options(**{name: None for name in fields if name != "warnings"})
+    assert set(options.library_arguments(None)) == set(expected) - {"seed"}

@@ -517,6 +517,7 @@ def optimize_file(
     tolerance: float = DEFAULT_TOLERANCE,
     equalize: str = "auto",
     input_range: tuple[float, float] | None = None,
+    float16_folds: str = "float16",
 ) -> dict[str, Any]:
     """Optimize the model file ``src`` into ``dst`` (which may be the same path); return the report.
 
@@ -540,6 +541,7 @@ def optimize_file(
             tolerance,
             equalize,
             input_range,
+            float16_folds,
         )
         write_atomically(dst, image, fd)
     report["output"] = str(dst)
