@@ -128,6 +128,35 @@ def test_failed_simulation_falls_back_to_the_noise_model(outlier_model, monkeypa
     assert tfl_fuse.verify.compare_models(outlier_model, out)["match"]
 
 
+@pytest.mark.parametrize(
+    "child, timeout, expected",
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", 60, "crashed (SIGSEGV)"),
+        ("import time; time.sleep(30)", 1, "did not finish running the model within 1 s"),
+    ],
+)
+def test_a_native_crash_or_hang_in_the_probe_falls_back(
+    outlier_model, monkeypatch, child, timeout, expected
+):
+    """LiteRT runs in a child process first (quantsim.probe): a segfault or a hang there, which
+    in this process would kill or block tfl_fuse, means no in-process simulation."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation ran in this process after the probe failed")
+
+    monkeypatch.setattr(quantsim, "PROBE_CODE", child)
+    monkeypatch.setattr(quantsim, "PROBE_TIMEOUT", timeout)
+    monkeypatch.setattr(quantsim, "Simulator", refuse)
+    out, report = tfl_fuse.optimize(outlier_model, target="int8", equalize="measure")
+    assert report["equalize"]["decided_by"] == "noise model"
+    assert expected in report["equalize"]["reason"], report["equalize"]
+    assert tfl_fuse.verify.compare_models(outlier_model, out)["match"]
+
+
+def test_the_probe_passes_a_model_litert_runs(outlier_model):
+    quantsim.probe(outlier_model, "channel", (-1.0, 1.0))  # no SimulationError
+
+
 def test_predict_mode_runs_no_simulation(outlier_model, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("no simulation in predict mode")

@@ -21,10 +21,21 @@ simulated ratio of two candidate models tracks ai-edge-quantizer's measured rati
 Inputs are synthetic: smooth images (upsampled low-resolution noise plus sinusoids) spanning
 ``input_range`` for image-like inputs [1, H, W, C<=4], N(0, 1) otherwise. They are seeded, so a
 run is deterministic. Everything runs on LiteRT's built-in kernels, one thread.
+
+LiteRT runs inside this process, where a native crash (a segfault in a kernel) or a hang would
+take tfl_fuse down with it. So :func:`probe` first runs the reference's simulation in a child
+process: if LiteRT crashes or hangs there, the simulation is not attempted here and
+equalization falls back to its data-free rule, with that reason in the report.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +61,57 @@ SMOOTHING = 0.95  # ai-edge-quantizer's moving average of calibrated min/max
 
 class SimulationError(Exception):
     """The model cannot be simulated (non-float inputs, an op LiteRT cannot run, ...)."""
+
+
+# The child process of probe(): the reference's first simulation, as Simulator runs it here.
+PROBE_CODE = (
+    "import sys\n"
+    "from tfl_fuse import quantsim\n"
+    "data = open(sys.argv[1], 'rb').read()\n"
+    "low, high = (float(v) for v in sys.argv[3].split(','))\n"
+    "try:\n"
+    "    quantsim.Simulator(data, sys.argv[2], (low, high)).errors(data)\n"
+    "except quantsim.SimulationError:\n"
+    "    pass  # a clean failure: the caller meets it again in its own process\n"
+)
+PROBE_TIMEOUT = 600.0  # seconds; the largest simulation the budget allows takes about 30 s
+
+
+def probe(
+    data: bytes,
+    granularity: str = "channel",
+    input_range: tuple[float, float] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Simulate ``data`` once in a child process; SimulationError if LiteRT crashes there
+    (a signal) or does not finish within ``timeout`` seconds (default PROBE_TIMEOUT). Python-level errors are left to
+    the caller's own run, which reports them as SimulationError with LiteRT's message."""
+    timeout = PROBE_TIMEOUT if timeout is None else timeout
+    low, high = input_range or DEFAULT_INPUT_RANGE
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="tfl_fuse-probe-") as folder:
+        path = Path(folder) / "model.tflite"
+        path.write_bytes(data)
+        command = [sys.executable, "-c", PROBE_CODE, str(path), granularity, f"{low!r},{high!r}"]
+        try:
+            done = subprocess.run(
+                command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env
+            )
+        except subprocess.TimeoutExpired:
+            raise SimulationError(
+                f"LiteRT did not finish running the model within {timeout:g} s "
+                "(tried in a child process)"
+            ) from None
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        raise SimulationError(
+            f"LiteRT crashed ({name}) running the model (tried in a child process)"
+        )
 
 
 def _bilinear(coarse: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -456,6 +456,7 @@ class EqualizeCrossLayer(Rule):
             return self._predicted_instead(graph, ctx, reason)
         try:
             current = bytes(fb.encode(graph.model))
+            quantsim.probe(current, ctx.weight_granularity, ctx.input_range)
             simulator = quantsim.Simulator(current, ctx.weight_granularity, ctx.input_range)
             errors = simulator.errors(current)
         except (quantsim.SimulationError, ModelError) as error:
