@@ -11,7 +11,10 @@ whether the rule applies the group at its threshold, and for each weight granula
 
 * hits: groups the rule applies that measure better (ratio < 1), and misses: applied but worse;
 * spared: groups left alone that would have measured worse;
-* the rank correlation between predicted gain and measured improvement (1 / ratio).
+* the rank correlation between predicted gain and measured improvement (1 / ratio);
+* the simulated ratio of each group (tfl_fuse.quantsim, what ``--equalize measure`` decides by:
+  worst output, on its own synthetic calibration and evaluation images) and its Pearson and rank
+  correlation with the measured ratio.
 
 Models: the trained mediapipe ones of the quantization bench (``make mediapipe-models``). Writes
 bench/cle_results.json and the "Equalization criterion" section of bench/results.md.
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import quantbench  # noqa: E402
 
 import tfl_fuse  # noqa: E402
-from tfl_fuse import fb, verify  # noqa: E402
+from tfl_fuse import fb, quantsim, verify  # noqa: E402
 from tfl_fuse.graph import Graph  # noqa: E402
 from tfl_fuse.model import Model  # noqa: E402
 from tfl_fuse.rules import equalize  # noqa: E402
@@ -83,6 +86,12 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def pearson(a: list[float], b: list[float]) -> float:
+    if len(a) < 3:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def study(name: str, path: Path, value_range: tuple[float, float]) -> dict[str, Any]:
     original = tfl_fuse.optimize(path.read_bytes(), quantbench.NORMALIZATIONS, target="int8")[0]
     shape = tuple(int(d) for d in verify.interpreter(original).get_input_details()[0]["shape"])
@@ -105,13 +114,17 @@ def study(name: str, path: Path, value_range: tuple[float, float]) -> dict[str, 
             )
 
         base_error = error(base)
+        simulator = quantsim.Simulator(base, granularity, value_range)
+        simulated_base = simulator.errors(base)
         threshold = equalize.MIN_GAIN[granularity]
         rows = []
         for index, (label, producers, consumers, gain) in enumerate(
             candidate_groups(fb.decode(base), granularity)
         ):
-            measured = error(equalize_one(base, index, granularity))
+            candidate = equalize_one(base, index, granularity)
+            measured = error(candidate)
             ratio = max(m / b for m, b in zip(measured, base_error))
+            simulated = quantsim.compare(simulator.errors(candidate), simulated_base)[0]
             rows.append(
                 {
                     "group": label,
@@ -119,6 +132,7 @@ def study(name: str, path: Path, value_range: tuple[float, float]) -> dict[str, 
                     "consumers": consumers,
                     "predicted_gain": float(gain),
                     "measured_ratio": float(ratio),
+                    "simulated_ratio": float(np.max(simulated)),
                     "applied": bool(gain >= threshold),
                 }
             )
@@ -133,33 +147,49 @@ def study(name: str, path: Path, value_range: tuple[float, float]) -> dict[str, 
             "correlation": rank_correlation(
                 [r["predicted_gain"] for r in rows], [1 / r["measured_ratio"] for r in rows]
             ),
+            "simulated_rank": rank_correlation(
+                [r["simulated_ratio"] for r in rows], [r["measured_ratio"] for r in rows]
+            ),
+            "simulated_pearson": pearson(
+                [r["simulated_ratio"] for r in rows], [r["measured_ratio"] for r in rows]
+            ),
         }
     return result
+
+
+def group_cell(group: dict[str, Any]) -> str:
+    cell = f"{group['predicted_gain']:.2f}->{group['measured_ratio']:.2f}"
+    if "simulated_ratio" in group:
+        cell += f" [{group['simulated_ratio']:.2f}]"
+    return cell + ("*" if group["applied"] else "")
 
 
 def markdown(results: dict[str, Any], header: str) -> str:
     lines = [header, ""]
     lines.append(
         "| model | weights | groups | applied: better / worse | left alone that measure worse "
-        "| rank correlation (predicted gain, measured gain) |"
+        "| rank correlation (predicted gain, measured gain) "
+        "| simulated vs measured ratio: Pearson / rank |"
     )
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|")
     for name, by_granularity in results.items():
         for granularity, r in by_granularity.items():
             lines.append(
                 f"| {name} | per-{granularity} (threshold {r['threshold']}) | {len(r['groups'])} "
-                f"| {r['hits']} / {r['misses']} | {r['spared']} | {r['correlation']:.2f} |"
+                f"| {r['hits']} / {r['misses']} | {r['spared']} | {r['correlation']:.2f} "
+                f"| {r.get('simulated_pearson', float('nan')):.2f} / "
+                f"{r.get('simulated_rank', float('nan')):.2f} |"
             )
     lines.append("")
     lines.append(
-        "Per group (predicted gain -> measured error ratio, worst output; * = applied by the rule):"
+        "Per group (predicted gain -> measured error ratio, worst output [simulated ratio]; "
+        "* = applied by the noise-model rule):"
     )
     lines.append("")
     for name, by_granularity in results.items():
         for granularity, r in by_granularity.items():
             cells = ", ".join(
-                f"{g['predicted_gain']:.2f}->{g['measured_ratio']:.2f}{'*' if g['applied'] else ''}"
-                for g in sorted(r["groups"], key=lambda g: -g["predicted_gain"])
+                group_cell(g) for g in sorted(r["groups"], key=lambda g: -g["predicted_gain"])
             )
             lines.append(f"- {name}, per-{granularity}: {cells}")
     return "\n".join(lines) + "\n"
