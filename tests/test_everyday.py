@@ -357,7 +357,32 @@ def test_every_library_entry_point_takes_every_option():
     expected = list(inspect.signature(api.optimize).parameters)[1:]
     for function in (api.optimize_image, api.optimize_file):
         names = list(inspect.signature(function).parameters)
-        assert [n for n in names if n not in ("src", "dst", "data")] == expected, function
+        own = ("src", "dst", "data", "durable")  # durable: how optimize_file writes
+        assert [n for n in names if n not in own] == expected, function
     fields = inspect.signature(cli.Options).parameters
     options = cli.Options(**{name: None for name in fields if name != "warnings"})
     assert set(options.library_arguments(None)) == set(expected) - {"seed"}
+
+
+def test_no_fsync_writes_the_same_model_without_fsync(demo, tmp_path, capsys, monkeypatch):
+    """--no-fsync: the same bytes, renamed into place as always, but never fsync'ed (the
+    default fsyncs once: the model; the folder run likewise, per model)."""
+    import os
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    durable, fast = tmp_path / "durable.tflite", tmp_path / "fast.tflite"
+    assert run(capsys, demo, durable, "-q")[0] == 0
+    assert len(calls) == 1
+    assert run(capsys, demo, fast, "-q", "--no-fsync")[0] == 0
+    assert len(calls) == 1
+    assert fast.read_bytes() == durable.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    folder_in, folder_out = tmp_path / "in", tmp_path / "out"
+    folder_in.mkdir()
+    (folder_in / "a.tflite").write_bytes(demo.read_bytes())
+    assert run(capsys, folder_in, folder_out, "-q", "--no-fsync")[0] == 0
+    assert len(calls) == 1 and (folder_out / "a.tflite").read_bytes() == durable.read_bytes()
+    code, _, err = run(capsys, demo, "--check", "--no-fsync")
+    assert "--no-fsync does nothing here" in err

@@ -406,8 +406,14 @@ def write_atomically(
     path: str | os.PathLike,
     data: bytes | bytearray | memoryview | fb.Encoded,
     source_fd: int | None = None,
+    durable: bool = True,
 ) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    ``durable``: fsync the temp file before the rename, so that after a power loss ``path`` holds
+    the old or the new model, whole. Without it the rename is still atomic for every process
+    (no reader ever sees half a model, a killed run leaves ``path`` as it was), but the new
+    bytes may still be in the page cache when this returns, as after ``cp``.
 
     A symlink at ``path`` is written through: its target gets the new contents and the link
     stays. Temp files carry the writer's PID, so a later run removes those a killed run left.
@@ -424,7 +430,8 @@ def write_atomically(
                 data.write(fd, source_fd)
             else:
                 fb._write_all(fd, memoryview(data).cast("B"))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         try:
@@ -518,11 +525,13 @@ def optimize_file(
     equalize: str = "auto",
     input_range: tuple[float, float] | None = None,
     float16_folds: str = "float16",
+    durable: bool = True,
 ) -> dict[str, Any]:
     """Optimize the model file ``src`` into ``dst`` (which may be the same path); return the report.
 
     The options are :func:`optimize`'s. The output format defaults to the one ``dst``'s suffix
-    names, else the input's. The report's ``output`` is ``dst``.
+    names, else the input's. The report's ``output`` is ``dst``. ``durable``: as
+    :func:`write_atomically` (False: no fsync).
     """
     if output_format is None:
         suffix_format = formats.for_path(str(dst))
@@ -543,6 +552,6 @@ def optimize_file(
             input_range,
             float16_folds,
         )
-        write_atomically(dst, image, fd)
+        write_atomically(dst, image, fd, durable)
     report["output"] = str(dst)
     return report

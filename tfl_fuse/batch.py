@@ -52,7 +52,7 @@ def output_path(source: Path, in_dir: Path, out_dir: Path, output_format: str | 
 
 
 def optimize_one(
-    source: str, target: str | None, arguments: dict[str, Any], model: str
+    source: str, target: str | None, arguments: dict[str, Any], model: str, durable: bool = True
 ) -> dict[str, Any]:
     """Optimize one model (in a worker process); a row of the summary, never an exception."""
     row: dict[str, Any] = {"model": model, "input": source, "output": None}
@@ -62,7 +62,7 @@ def optimize_one(
             if target is not None:
                 try:
                     Path(target).parent.mkdir(parents=True, exist_ok=True)
-                    write_atomically(target, image, fd)
+                    write_atomically(target, image, fd, durable)
                 except OSError as error:
                     raise ModelError(f"cannot write {target}: {error.strerror or error}") from None
                 row["output"] = target
@@ -154,7 +154,8 @@ def run_batch(args: argparse.Namespace, options: Options) -> int:
             if write and out_dir is not None
             else None
         )
-        tasks.append((str(source), target, options.library_arguments(options.output_format), model))
+        arguments = options.library_arguments(options.output_format)
+        tasks.append((str(source), target, arguments, model, options.durable))
 
     jobs = min(args.jobs or 1, len(tasks))
     bar = _progress(len(tasks), sys.stderr.isatty() and not args.quiet)
