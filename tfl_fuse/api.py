@@ -427,7 +427,7 @@ def write_atomically(
     try:
         try:
             if isinstance(data, fb.Encoded):
-                data.write(fd, source_fd)
+                data.write(fd, source_fd, writeback=durable)
             else:
                 fb._write_all(fd, memoryview(data).cast("B"))
             if durable:
