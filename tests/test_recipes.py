@@ -67,3 +67,29 @@ def test_recipe(recipe_dir, build_dir):
         atol_scale=expect.get("atol_scale", 1e-5),
     )
     assert ok, "\n".join(lines)
+
+
+@pytest.mark.parametrize("recipe_dir", recipe_dirs(), ids=lambda p: p.name)
+def test_no_rewrite_means_no_change(recipe_dir):
+    """The engine's "unchanged" (no rewrite entry, nothing lifted) is what lets tfl_fuse write
+    an input back byte for byte: it must mean the model re-encodes exactly as it was decoded,
+    whatever a rule looked at, planned or declined."""
+    from tfl_fuse import engine, fb
+    from tfl_fuse import rules as rule_set
+
+    data, recipe = chef.cook(recipe_dir)
+    expect = recipe.get("expect", {})
+    names = expect.get("rules")
+    target = expect.get("target", "float")
+    model = fb.decode(data)
+    report = engine.run(
+        model,
+        rule_set.select(None if names in (None, "all") else list(names), None, target),
+        expect.get("exclude"),
+        target,
+        expect.get("weight_granularity", "channel"),
+        equalize="predict",  # the measured mode decides the same way, only slower
+    )
+    if report["unchanged"]:
+        assert not report["rewrites"]
+        assert fb.encode(model) == fb.encode(fb.decode(data))

@@ -211,3 +211,24 @@ def test_rarely_used_fields_survive_a_round_trip():
         )[0]
     )
     assert differences(original, through_circle) == []
+
+
+def test_a_second_run_gives_back_the_first_runs_output_byte_for_byte(tmp_path):
+    """Nothing left to fold and the input laid out as tfl_fuse writes: the output is the
+    input itself (copied in the kernel), identical bytes, and the report says so."""
+    data = kerasmodels.application("ResNet50V2", input_shape=(32, 32, 3), seed=3).read_bytes()
+    first, report = tfl_fuse.optimize(data)
+    assert report["rewrites"] and "identical_to_input" not in report
+    second, report = tfl_fuse.optimize(first, verify=True)
+    assert not report["rewrites"] and report["identical_to_input"] is True
+    assert second == first and report["verify"]["match"]
+    (tmp_path / "first.tflite").write_bytes(first)
+    report = tfl_fuse.optimize_file(tmp_path / "first.tflite", tmp_path / "second.tflite")
+    assert (tmp_path / "second.tflite").read_bytes() == first
+    # converted to circle, or from a converter that aligns buffer data less: re-encoded
+    _, report = tfl_fuse.optimize(first, output_format="circle")
+    assert "identical_to_input" not in report
+    _, report = tfl_fuse.optimize(
+        kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3)).read_bytes()
+    )
+    assert not report["rewrites"] and "identical_to_input" not in report

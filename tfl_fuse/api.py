@@ -258,7 +258,15 @@ def _run(
         )
         report["normalized"] = normalized
         written_format = output_format or source_format
-        image = fb.encode_image(model, written_format)
+        unchanged = report.pop("unchanged") and not normalized and written_format == source_format
+        if unchanged and stop_after is None and fb.aligned_as_written(model):
+            # No rule changed anything and the input is laid out as this writer would (buffer
+            # data 16-byte aligned): the output is the input, byte for byte (the file copied in
+            # the kernel), not a re-encoding of it
+            image = fb.Encoded.copy_of(data)
+            report["identical_to_input"] = True
+        else:
+            image = fb.encode_image(model, written_format)
     report["format"] = {"input": source_format, "output": written_format}
     report["size"] = {"input": len(data), "output": len(image)}
     return image, report

@@ -140,6 +140,7 @@ def run(
     ctx.stop_after = stop_after
     passes = 0
     float16_counts = {"rewritten": 0, "widened": 0}
+    touched = False  # whether anything changed the model (every rule change is a rewrite entry)
     for index, subgraph in enumerate(model.subgraphs):
         if subgraph.get("dataFormat", 0) == CHANNELS_FIRST:
             record_decline(
@@ -162,6 +163,7 @@ def run(
             rule.name == "dequantize_float16_weights" for rule in rules
         )
         lifted = float16.lift(graph) if lifting else None
+        touched = touched or bool(lifted and lifted.lifted)  # lowered again, but re-laid out
         stopped = False
         for _ in range(MAX_PASSES):
             passes += 1
@@ -212,6 +214,7 @@ def run(
             else {}
         ),
         "passes": passes,
+        "unchanged": not (touched or ctx.rewrites),
         **(
             {"float16_constants_rewritten": float16_counts["rewritten"]}
             if float16_counts["rewritten"]

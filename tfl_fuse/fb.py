@@ -396,6 +396,19 @@ def _external(
 HOLE_MIN_BYTES = 4096  # buffer data at least this large is referenced, not copied, until written
 
 
+def aligned_as_written(model: Model) -> bool:
+    """Whether every buffer's data lies in the input file where this writer would align it
+    (BUFFER_ALIGNMENT): only then is the input file itself an acceptable output."""
+    for buffer in model.buffers:
+        data = buffer.get("data")
+        if data is None or not len(data):
+            continue
+        position = buffer.__dict__.get("_source_offset")
+        if position is None or position % BUFFER_ALIGNMENT:
+            return False
+    return True
+
+
 class Encoded:
     """An encoded model: the builder's image, whose large buffer data are "holes" filled on output.
 
@@ -414,6 +427,13 @@ class Encoded:
         self.image = image
         self.holes = sorted(holes, key=lambda hole: hole[0])
         self.size = len(image) if size is None else size
+
+    @classmethod
+    def copy_of(cls, data: bytes | bytearray | memoryview | mmap.mmap) -> Encoded:
+        """The input model itself, to be written byte for byte (from the input file when it
+        is one, else from memory)."""
+        whole = np.frombuffer(data, np.uint8)
+        return cls(memoryview(b""), [(0, whole, 0)], len(whole))
 
     def __len__(self) -> int:
         return self.size
