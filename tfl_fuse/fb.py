@@ -455,8 +455,9 @@ class Encoded:
         """Write the image to ``fd``, unchanged weights copied from ``source_fd`` in the kernel.
 
         ``writeback``: start writing to disk each MiB written so far while the rest is still
-        being written (sync_file_range), so that an fsync after this waits less: DenseNet121
-        98 -> 91 ms, MobileNetV2 25 -> 21 ms, write and fsync together.
+        being written (sync_file_range), so that an fsync after this waits less: a whole
+        optimize_file of DenseNet121 103 -> 97 ms, MobileNetV2 25 -> 22 ms, ResNet50V2
+        152 -> 130 ms (12 interleaved runs each).
         """
         position = flushed = 0
         start_writeback = _writeback_starter() if writeback else None
