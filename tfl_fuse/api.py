@@ -363,21 +363,8 @@ def optimize(
     rule name is an UnknownRuleError, both a ValueError and a KeyError), and
     VerificationError when ``verify`` finds a mismatch (it names the rewrite responsible).
     """
-    image, report = optimize_image(
-        data,
-        rules_to_run,
-        disable,
-        exclude,
-        output_format,
-        verify,
-        seed,
-        target,
-        weight_granularity,
-        tolerance,
-        equalize,
-        input_range,
-        float16_folds,
-    )
+    options = {name: value for name, value in locals().items() if name != "data"}
+    image, report = optimize_image(data, **options)  # every option, by name
     return image.tobytes(), report
 
 
@@ -541,25 +528,12 @@ def optimize_file(
     names, else the input's. The report's ``output`` is ``dst``. ``durable``: as
     :func:`write_atomically` (False: no fsync).
     """
+    options = {n: v for n, v in locals().items() if n not in ("src", "dst", "durable")}
     if output_format is None:
         suffix_format = formats.for_path(str(dst))
-        output_format = suffix_format.name if suffix_format else None
+        options["output_format"] = suffix_format.name if suffix_format else None
     with open_model_file(src) as (data, fd):
-        image, report = optimize_image(
-            data,
-            rules_to_run,
-            disable,
-            exclude,
-            output_format,
-            verify,
-            seed,
-            target,
-            weight_granularity,
-            tolerance,
-            equalize,
-            input_range,
-            float16_folds,
-        )
+        image, report = optimize_image(data, **options)  # every option, by name
         write_atomically(dst, image, fd, durable)
     report["output"] = str(dst)
     return report
