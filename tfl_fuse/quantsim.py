@@ -84,8 +84,9 @@ def probe(
     timeout: float | None = None,
 ) -> None:
     """Simulate ``data`` once in a child process; SimulationError if LiteRT crashes there
-    (a signal) or does not finish within ``timeout`` seconds (default PROBE_TIMEOUT). Python-level errors are left to
-    the caller's own run, which reports them as SimulationError with LiteRT's message."""
+    (a signal) or does not finish within ``timeout`` seconds (default PROBE_TIMEOUT).
+    Python-level errors are left to the caller's own run, which reports them as
+    SimulationError with LiteRT's message."""
     timeout = PROBE_TIMEOUT if timeout is None else timeout
     low, high = input_range or DEFAULT_INPUT_RANGE
     package_parent = str(Path(__file__).resolve().parent.parent)

@@ -79,6 +79,14 @@ class Plan:
 
 
 # scale -------------------------------------------------------------------------------------
+def crosses_with_the_scale(graph: Graph, op: Table, tensor: int) -> bool:
+    """Whether a per-channel scale on ``tensor`` moves through ``op`` (one of SCALE_COMMUTING,
+    taking ``tensor`` as its data input and keeping the channel axis) on its way forward."""
+    return (
+        op.opcode.name in SCALE_COMMUTING and op.inputs[0] == tensor and _channel_keeping(graph, op)
+    )
+
+
 def _channel_keeping(graph: Graph, op: Table) -> bool:
     kind = op.opcode.name
     x, y = op.inputs[0], op.outputs[0]
@@ -129,11 +137,7 @@ def plan_scale(
             plan.weights[id(consumer)] = (consumer, weights)
             if np.any(constant):
                 plan.biases[id(consumer)] = (consumer, bias)
-        elif (
-            kind in SCALE_COMMUTING
-            and consumer.inputs[0] == tensor
-            and _channel_keeping(graph, consumer)
-        ):
+        elif crosses_with_the_scale(graph, consumer, tensor):
             require_float32(graph, consumer.outputs[0], f"{kind} output")
             order_based = kind == "MAX_POOL_2D" or fused_activation(consumer) == "RELU"
             if order_based and np.any(scale < 0):

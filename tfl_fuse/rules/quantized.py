@@ -46,8 +46,9 @@ scale forward (that would requantize the int8 weights along their input channels
 becomes one float DEPTHWISE_CONV_2D 1x1 with weights s and bias t (exact in float, as
 ``standalone_bn_to_depthwise``). Conditions: float32 rank-4 tensors, the MUL without activation
 and with the ADD/SUB as its only consumer, per-channel constants, and at least one consumer
-holding int8 weights (directly or through MEAN, pools, PAD, RELU, RESHAPE, as ResNet50V2's head
-BN reaches its int8 FULLY_CONNECTED).
+holding int8 weights (directly or through the MEAN, pools, PADs and RESHAPEs that
+move_scale_forward would carry the scale through, as ResNet50V2's head BN reaches its int8
+FULLY_CONNECTED).
 
 Every quantized MUL / ADD / SUB / DIV by a constant that stays is named in the report with the
 reason (:func:`explain_quantized`).
@@ -63,6 +64,7 @@ from .. import quant
 from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule, op_label, record_decline
+from .preactivation import crosses_with_the_scale
 from .predicates import (
     ACTIVATIONS,
     LAYERS,
@@ -549,17 +551,11 @@ class DynamicRangeBnToDepthwise(Rule):
         return count
 
 
-# Ops a per-channel scale would cross on its way forward to the next layer (move_scale_forward
-# takes it through them): an int8-weight layer behind them blocks the fold just the same
-# (ResNet50V2's head: BN -> RELU -> MEAN -> FULLY_CONNECTED).
-CROSSED_ON_THE_WAY = frozenset(
-    {"MEAN", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "RELU", "RELU6", "RESHAPE"}
-)
-
-
 def feeds_int8_weight_layer(graph: Graph, tensor: int) -> bool:
     """Whether a layer with int8 weights takes ``tensor``, directly or through ops that a
-    per-channel scale crosses on its way forward (CROSSED_ON_THE_WAY)."""
+    per-channel scale crosses on its way forward to the next layers (as move_scale_forward
+    moves it): an int8-weight layer behind them blocks the fold just the same (ResNet50V2's
+    head: BN -> MEAN -> FULLY_CONNECTED)."""
     seen: set[int] = set()
     pending = [tensor]
     while pending:
@@ -568,11 +564,10 @@ def feeds_int8_weight_layer(graph: Graph, tensor: int) -> bool:
             continue
         seen.add(current)
         for user in graph.consumers_of(current):
-            name = user.opcode.name
-            if name in CROSSED_ON_THE_WAY and user.inputs and user.inputs[0] == current:
+            if crosses_with_the_scale(graph, user, current):
                 pending.extend(t for t in user.outputs if t >= 0)
                 continue
-            layout = LAYERS.get(name)
+            layout = LAYERS.get(user.opcode.name)
             if layout is None or len(user.inputs) <= layout.weight_input:
                 continue
             weights = user.inputs[layout.weight_input]
