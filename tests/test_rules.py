@@ -141,3 +141,84 @@ def test_approximate_gamma_rule_is_off_by_default_and_says_what_it_changed(capsy
     assert any(
         r.get("approximate") and "1 scale(s) <= 0" in r["detail"] for r in report["rewrites"]
     )
+
+
+# scaled_float32: products computed when written (model.ScaledProduct) --------------------------
+def eager_product(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    return np.multiply(weights, factors, dtype=np.float64).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, factor_shape",
+    [
+        ((64, 3, 3, 48), (64, 1, 1, 1)),  # output channels (a backward fold), several chunks
+        ((64, 3, 3, 48), (1, 1, 1, 48)),  # input channels (a forward fold)
+        ((1, 3, 3, 96), (1, 1, 1, 96)),  # depthwise
+        ((32, 3, 3, 8), (32, 1, 1, 8)),  # grouped CONV_2D: an [O, C / groups] map
+        ((3000, 70), (1, 70)),  # FULLY_CONNECTED, rows of 70 values
+        ((2, 70000), (2, 1)),  # a row larger than the scratch
+        ((5,), (5,)),
+        ((), ()),
+    ],
+)
+def test_scaled_float32_writes_the_eager_products_bit_for_bit(shape, factor_shape, tmp_path):
+    from tfl_fuse.model import ScaledProduct
+    from tfl_fuse.rules.predicates import scaled_float32
+
+    rng = np.random.default_rng(len(shape) + int(np.prod(shape)))
+    weights = rng.normal(size=shape).astype(np.float32)
+    factors = rng.uniform(-3, 3, size=factor_shape)
+    product = scaled_float32(weights, factors)
+    assert isinstance(product, ScaledProduct) and len(product) == weights.nbytes
+    expected = eager_product(weights, factors)
+    assert b"".join(bytes(piece) for piece in product.pieces()) == expected.tobytes()
+    value = product.value()  # computed once, read-only, and then what is written
+    assert value.dtype == np.float32 and value.shape == weights.shape
+    assert value.tobytes() == expected.tobytes() and not value.flags.writeable
+    assert product.value() is value
+    assert b"".join(bytes(piece) for piece in product.pieces()) == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (("weight", np.nan), "not be finite"),
+        (("factor", np.inf), "not be finite"),
+        (("weight", 3e38), "overflow float32"),
+        (("weight", -3e38), "overflow float32"),
+    ],
+)
+def test_scaled_float32_declines_what_a_product_would_not_hold(bad, message):
+    from tfl_fuse.rules.predicates import scaled_float32
+
+    weights = np.ones((8, 3, 3, 40), np.float32)
+    factors = np.full((1, 1, 1, 40), 0.5)
+    where, value = bad
+    if where == "weight":
+        weights[5, 1, 2, 7] = value
+        factors[..., 7] = 2.0
+    else:
+        factors[..., 7] = value
+    with pytest.raises(Decline, match=message):
+        scaled_float32(weights, factors)
+    factors[..., 7] = 0.25  # the same weights, a factor that keeps the product in range
+    if where == "weight" and np.isfinite(value):
+        assert np.isfinite(scaled_float32(weights, factors).value()).all()
+
+
+def test_a_folded_constant_is_read_as_the_product():
+    """Graph.constant computes a ScaledProduct a fold stored, and rules see plain arrays."""
+    from tfl_fuse.model import ScaledProduct
+    from tfl_fuse.rules.predicates import scaled_float32
+
+    graph = binary("MUL", [1, 1, 1, 3])
+    tensor = graph.ops[0].inputs[1]
+    weights = graph.constant(tensor)
+    factors = np.array([[[[2.0, -0.5, 3.0]]]])
+    graph.set_constant(graph.ops[0], 1, scaled_float32(weights, factors))
+    assert isinstance(graph.model.buffers[graph.tensors[tensor].buffer].data, ScaledProduct)
+    value = graph.constant(tensor)
+    assert isinstance(value, np.ndarray) and value.shape == (1, 1, 1, 3)
+    np.testing.assert_array_equal(value, eager_product(weights, factors))
+    decoded = Graph(fb.decode(fb.encode(graph.model)), 0)
+    np.testing.assert_array_equal(decoded.constant(tensor), value)

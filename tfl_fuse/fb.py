@@ -31,7 +31,7 @@ import numpy as np
 
 from . import formats
 from .formats import SCALAR, STRING, TABLE, TABLES, UNION, VECTOR, Format
-from .model import Model, ModelError, OpCode, Table
+from .model import Model, ModelError, OpCode, ScaledProduct, Table
 
 # Index vectors that rules edit: decoded as Python lists instead of read-only numpy views.
 _INDEX_FIELDS = {"inputs", "outputs", "intermediates", "shape", "shapeSignature"}
@@ -442,7 +442,7 @@ class Encoded:
         out = bytearray(self.size)
         out[: len(self.image)] = self.image
         for position, data, _ in self.holes:
-            out[position : position + len(data)] = memoryview(data).cast("B")
+            out[position : position + len(data)] = _bytes_of(data)
         return bytes(out)
 
     def _gap(self, fd: int, start: int, end: int) -> None:
@@ -465,6 +465,9 @@ class Encoded:
             self._gap(fd, position, start)
             if source_offset is not None and source_fd is not None:
                 _send_all(fd, source_fd, source_offset, len(data))
+            elif isinstance(data, ScaledProduct):
+                for piece in data.pieces():  # computed as written, through a reused scratch
+                    _write_all(fd, piece)
             else:
                 _write_all(fd, memoryview(data).cast("B"))
             position = start + len(data)
@@ -495,6 +498,13 @@ def _writeback_starter() -> Any:
         call(fd, offset, count, SYNC_FILE_RANGE_WRITE)  # a failure only means no head start
 
     return start
+
+
+def _bytes_of(data: np.ndarray | ScaledProduct) -> memoryview:
+    """Buffer data as bytes (a ScaledProduct computed)."""
+    if isinstance(data, ScaledProduct):
+        data = data.value()
+    return memoryview(data).cast("B")
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -866,7 +876,7 @@ class _Writer:
             if size >= HOLE_MIN_BYTES:
                 self.holes.append((builder.offset(), data, entry.source_offset))
             else:
-                builder.bytes[builder.head : builder.head + size] = memoryview(data).cast("B")
+                builder.bytes[builder.head : builder.head + size] = _bytes_of(data)
             builder.head -= 4
             _PACK_U32(builder.bytes, builder.head, size)
             position = builder.offset()

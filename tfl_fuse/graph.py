@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from .model import Model, ModelError, Table
+from .model import Model, ModelError, ScaledProduct, Table
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype)
@@ -158,6 +158,8 @@ class Graph:
         if dtype is None:
             raise ModelError(f"tensor {t.name!r}: constants of type {t.type} are not supported")
         data = self.model.buffers[t.buffer].data
+        if isinstance(data, ScaledProduct):
+            return data.value().reshape([int(d) for d in (t.shape or [])])
         shape = [int(d) for d in (t.shape or [])]
         count = math.prod(shape)
         if data is None or len(data) != count * dtype.itemsize:
@@ -175,7 +177,7 @@ class Graph:
         Returns the tensor index now used by ``op``.
         """
         tensor = op.inputs[position]
-        value = np.asarray(value)
+        value = value if isinstance(value, ScaledProduct) else np.asarray(value)
         users = self.consumers_of(tensor)
         if len(users) == 1 and users[0] is op and not self.is_graph_output(tensor):
             t = self.tensors[tensor]
@@ -205,11 +207,10 @@ class Graph:
                 hasRank=True,
             )
         t.name = self._unique(name)
-        t.buffer = self.model.add_buffer(
-            np.asarray(value).astype(NUMPY_DTYPES[type_name], copy=False)
-        )
+        value = value if isinstance(value, ScaledProduct) else np.asarray(value)
+        t.buffer = self.model.add_buffer(value.astype(NUMPY_DTYPES[type_name], copy=False))
         t.shapeSignature = None
-        self._set_shape(t, np.asarray(value).shape)
+        self._set_shape(t, value.shape)
         self.tensors.append(t)
         return len(self.tensors) - 1
 

@@ -6,15 +6,19 @@ and raises :class:`Decline` with a reason a user can read (``per_channel_vector`
 
 from __future__ import annotations
 
-import contextlib
 import math
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..graph import Graph
-from ..model import ModelError, Table
+from ..model import (
+    SCALE_CHUNK_VALUES,
+    ModelError,
+    ScaledProduct,
+    Table,
+    release_mapped_pages,
+)
 from .base import Decline
 
 ACTIVATIONS = {"NONE": 0, "RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3, "TANH": 4, "SIGN_BIT": 5}
@@ -170,57 +174,38 @@ def require_finite(*arrays: np.ndarray) -> None:
             raise Decline("the folded constants would overflow float32")
 
 
-SCALE_CHUNK_VALUES = 1 << 16  # float64 values per step: the temporary stays in the CPU cache
-
-
-def release_mapped_pages(array: np.ndarray) -> None:
-    """Let the kernel drop the pages of the input file that ``array`` (read) maps.
-
-    The input is mapped read-only; pages read once stay counted in the process's memory
-    until released, so a layer of N GB would otherwise cost N GB more than its result.
-    Reading them again later is correct (the kernel maps the file again), only slower.
-    """
-    if array.nbytes < mmap.PAGESIZE:
-        return  # not a whole page
-    source = array
-    while isinstance(source, np.ndarray) and source.base is not None:
-        source = source.base
-    mapped = source.obj if isinstance(source, memoryview) else source
-    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
-        return
-    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
-    start = array.__array_interface__["data"][0] - base
-    page = mmap.PAGESIZE
-    first, end = -(-start // page) * page, (start + array.nbytes) // page * page
-    if end > first:
-        with contextlib.suppress(OSError, ValueError):
-            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
-
-
-def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
+def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> ScaledProduct:
     """float32(weights * factors): each product computed in float64 and rounded once.
 
     ``factors`` broadcasts to the shape of ``weights``. Declines (as require_finite) where a
-    product would not be finite or would overflow float32. It works a few rows of axis 0 at
-    a time, so the float64 products never exist all at once, and releases the input pages it
-    has read: a 2.4 GB layer needs its float32 result and little more.
+    product would not be finite or would overflow float32. The products themselves are
+    computed when the model is written (:class:`ScaledProduct`); this only reads the weights
+    for their extremes, a few rows at a time: along every axis ``factors`` does not vary, the
+    largest product in magnitude is the largest or the smallest weight times the factor
+    (rounding keeps the order), so the check is the one the products would pass.
     """
-    if weights.ndim == 0 or weights.size <= SCALE_CHUNK_VALUES:
-        product = np.multiply(weights, factors, dtype=np.float64)
-        require_finite(product)
-        return product.astype(np.float32)
-    result = np.empty(weights.shape, np.float32)
+    factors = np.asarray(factors, np.float64)
+    if weights.ndim == 0 or weights.size <= SMALL_ARRAY:
+        require_finite(np.multiply(weights, factors, dtype=np.float64))
+        return ScaledProduct(weights, factors)
+    padded = factors.reshape((1,) * (weights.ndim - factors.ndim) + factors.shape)
+    flat_axes = tuple(axis for axis in range(weights.ndim) if padded.shape[axis] == 1)
+    per_row = padded.shape[0] != 1
     rows = max(1, SCALE_CHUNK_VALUES // max(1, weights[0].size))
-    per_row = np.ndim(factors) == weights.ndim and np.shape(factors)[0] != 1
-    chunk = np.empty((min(rows, len(weights)), *weights.shape[1:]), np.float64)
+    release = weights.nbytes >= RELEASE_WHILE_CHECKING_BYTES
     for start in range(0, len(weights), rows):
         part = slice(start, start + rows)
-        product = chunk[: len(weights[part])]
-        np.multiply(weights[part], factors[part] if per_row else factors, out=product)
-        require_finite(product)
-        result[part] = product
-        release_mapped_pages(weights[part])
-    return result
+        block = weights[part]
+        high = block.max(axis=flat_axes, keepdims=True).astype(np.float64)
+        low = block.min(axis=flat_axes, keepdims=True).astype(np.float64)
+        near = padded[part] if per_row else padded
+        require_finite(high * near, low * near)
+        if release:
+            release_mapped_pages(block)
+    return ScaledProduct(weights, padded)
+
+
+RELEASE_WHILE_CHECKING_BYTES = 64 << 20  # larger weights are read twice rather than kept mapped
 
 
 # per-channel constants ----------------------------------------------------------------------
