@@ -13,6 +13,7 @@ import numpy as np
 
 from ..graph import Graph
 from ..model import (
+    RELEASE_MAPPED_BYTES,
     SCALE_CHUNK_VALUES,
     ModelError,
     ScaledProduct,
@@ -191,21 +192,27 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> ScaledProduct:
     padded = factors.reshape((1,) * (weights.ndim - factors.ndim) + factors.shape)
     flat_axes = tuple(axis for axis in range(weights.ndim) if padded.shape[axis] == 1)
     per_row = padded.shape[0] != 1
-    rows = max(1, SCALE_CHUNK_VALUES // max(1, weights[0].size))
-    release = weights.nbytes >= RELEASE_WHILE_CHECKING_BYTES
+    reach = float(np.abs(padded).max()) if padded.size else 0.0
+    release = weights.nbytes >= RELEASE_MAPPED_BYTES
+    # a large layer a few rows at a time, giving back the input pages read
+    rows = max(1, SCALE_CHUNK_VALUES // max(1, weights[0].size)) if release else len(weights)
     for start in range(0, len(weights), rows):
         part = slice(start, start + rows)
         block = weights[part]
-        high = block.max(axis=flat_axes, keepdims=True).astype(np.float64)
-        low = block.min(axis=flat_axes, keepdims=True).astype(np.float64)
-        near = padded[part] if per_row else padded
-        require_finite(high * near, low * near)
+        # The largest weight in magnitude times the largest factor bounds every product;
+        # only where that bound is not finite or not below FLOAT32_MAX are the extremes
+        # taken along the axes the factors run on, which is what the products would give.
+        high, low = float(block.max()), float(block.min())
+        if not (
+            math.isfinite(high) and math.isfinite(low) and max(high, -low) * reach <= FLOAT32_MAX
+        ):
+            near = padded[part] if per_row else padded
+            high_by = block.max(axis=flat_axes, keepdims=True).astype(np.float64)
+            low_by = block.min(axis=flat_axes, keepdims=True).astype(np.float64)
+            require_finite(high_by * near, low_by * near)
         if release:
             release_mapped_pages(block)
     return ScaledProduct(weights, padded)
-
-
-RELEASE_WHILE_CHECKING_BYTES = 64 << 20  # larger weights are read twice rather than kept mapped
 
 
 # per-channel constants ----------------------------------------------------------------------
