@@ -671,7 +671,10 @@ def main(argv: list[str] | None = None) -> int:
         if "scaling" in results:
             merged["scaling"] = results["scaling"]
         (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
-    text = replace_sections((out / "results.md").read_text(), results, sections)
+    if (out / "results.md").exists():
+        text = replace_sections((out / "results.md").read_text(), results, sections)
+    else:  # a fresh folder: only the sections measured now
+        text = "\n".join(line for name in sections for line in SECTION_WRITERS[name](results))
     (out / "results.md").write_text(text)
     for name in sections:
         print("\n".join(SECTION_WRITERS[name](results)))
