@@ -175,7 +175,10 @@ def require_finite(*arrays: np.ndarray) -> None:
             raise Decline("the folded constants would overflow float32")
 
 
-def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> ScaledProduct:
+EAGER_BELOW_BYTES = 4096
+
+
+def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray | ScaledProduct:
     """float32(weights * factors): each product computed in float64 and rounded once.
 
     ``factors`` broadcasts to the shape of ``weights``. Declines (as require_finite) where a
@@ -186,9 +189,10 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> ScaledProduct:
     (rounding keeps the order), so the check is the one the products would pass.
     """
     factors = np.asarray(factors, np.float64)
-    if weights.ndim == 0 or weights.size <= SMALL_ARRAY:
-        require_finite(np.multiply(weights, factors, dtype=np.float64))
-        return ScaledProduct(weights, factors)
+    if weights.nbytes < EAGER_BELOW_BYTES:  # less than a page: computed now, as it is cheaper
+        product = np.asarray(np.multiply(weights, factors, dtype=np.float64))
+        require_finite(product)
+        return product.astype(np.float32)
     padded = factors.reshape((1,) * (weights.ndim - factors.ndim) + factors.shape)
     flat_axes = tuple(axis for axis in range(weights.ndim) if padded.shape[axis] == 1)
     per_row = padded.shape[0] != 1
