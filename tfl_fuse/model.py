@@ -11,7 +11,8 @@ which format it came from. Three things are interpreted, because rules need them
 * a tensor's ``type`` is the TensorType name (``"FLOAT32"``), not a number;
 * a union field holds a Table whose type name says which member it is (no ``*Type`` field).
 
-Buffer data is a read-only numpy ``uint8`` view of the input bytes until a rule replaces it.
+Buffer data is a read-only numpy ``uint8`` view of the input bytes until a rule replaces it,
+with an array or with a :class:`ScaledProduct` (a fold's new weights, computed when written).
 """
 
 from __future__ import annotations
