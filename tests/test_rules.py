@@ -224,3 +224,95 @@ def test_a_folded_constant_is_read_as_the_product():
     np.testing.assert_array_equal(value, eager_product(weights, factors))
     decoded = Graph(fb.decode(fb.encode(graph.model)), 0)
     np.testing.assert_array_equal(decoded.constant(tensor), value)
+
+
+def dense_block(layers: int, width: int = 2) -> Graph:
+    """A DenseNet block after move_scale_forward: layer j reads ADD(+t, RELU) of the
+    concatenation of the block input and every earlier layer's output. A RELU also reads the
+    block input (as the block's first BN does once its own shift went upstream), so no other
+    layer's shift can be pushed up there: each walks down the chain of concatenations and
+    fails at its bottom."""
+    operands = [
+        {"name": "x", "shape": [1, 4, 4, 3]},
+        {"name": "k0", "shape": [width, 1, 1, 3], "filler": {"kind": "gaussian", "seed": 0}},
+        {"name": "b0", "shape": [width], "filler": {"kind": "gaussian", "seed": 1}},
+        {"name": "cat0", "shape": [1, 4, 4, width]},
+        {"name": "side", "shape": [1, 4, 4, width]},
+    ]
+    operations = [
+        {"type": "CONV_2D", "inputs": ["x", "k0", "b0"], "outputs": ["cat0"]},
+        {"type": "RELU", "inputs": ["cat0"], "outputs": ["side"]},
+    ]
+    for j in range(1, layers + 1):
+        channels = width * j
+        operands += [
+            {
+                "name": f"t{j}",
+                "shape": [channels],
+                "filler": {"kind": "uniform", "low": 0.1, "high": 1.0, "seed": j},
+            },
+            {"name": f"a{j}", "shape": [1, 4, 4, channels]},
+            {
+                "name": f"k{j}",
+                "shape": [width, 1, 1, channels],
+                "filler": {"kind": "gaussian", "seed": 100 + j},
+            },
+            {"name": f"b{j}", "shape": [width], "filler": {"kind": "gaussian", "seed": 200 + j}},
+            {"name": f"y{j}", "shape": [1, 4, 4, width]},
+            {"name": f"cat{j}", "shape": [1, 4, 4, channels + width]},
+        ]
+        operations += [
+            {
+                "type": "ADD",
+                "inputs": [f"cat{j - 1}", f"t{j}"],
+                "outputs": [f"a{j}"],
+                "options": {"activation": "RELU"},
+            },
+            {"type": "CONV_2D", "inputs": [f"a{j}", f"k{j}", f"b{j}"], "outputs": [f"y{j}"]},
+            {
+                "type": "CONCATENATION",
+                "inputs": [f"cat{j - 1}", f"y{j}"],
+                "outputs": [f"cat{j}"],
+                "options": {"axis": 3},
+            },
+        ]
+    return graph_of(operands, operations, outputs=("side", f"cat{layers}"))
+
+
+def test_failed_shift_walks_are_remembered_with_the_same_decisions(monkeypatch):
+    from tfl_fuse.rules import preactivation
+
+    calls = []
+    walk = preactivation._push_shift
+    monkeypatch.setattr(
+        preactivation, "_push_shift", lambda *args: calls.append(args[1]) or walk(*args)
+    )
+
+    def run() -> tuple[dict, int]:
+        calls.clear()
+        report = engine.run(dense_block(12).model, rules.select(["push_shift_backward"]))
+        return report, len(calls)
+
+    remembered, walked_remembering = run()
+    assert remembered["ops_after"]["ADD"] == 12
+    reasons = [entry["reason"] for entry in remembered["declined"]]
+    assert len(reasons) == 12 and all("RELU 'side' also reads 'cat0'" in r for r in reasons)
+    # each layer's walk stops one concatenation down, where the previous walk failed
+    assert walked_remembering == 1 + 2 * 11
+
+    class Forgetful(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    original = preactivation.Walks
+
+    def forgetful() -> preactivation.Walks:
+        walks = original()
+        walks.failed = Forgetful()
+        return walks
+
+    monkeypatch.setattr(preactivation, "Walks", forgetful)
+    forgotten, walked_forgetting = run()
+    assert forgotten["declined"] == remembered["declined"]
+    assert forgotten["rewrites"] == remembered["rewrites"]
+    assert walked_forgetting == 12 * 13 // 2  # every walk to the bottom of the block

@@ -78,6 +78,39 @@ class Plan:
         self.constant_deltas[id(op)] = (op, old + delta)
 
 
+class Structural(Decline):
+    """A refusal of a shift walk that depends only on the graph and on which channels of the
+    shift are nonzero, never on the shift's values, the walk's depth or the tensors it has
+    visited: the same walk from the same tensor refuses again, the same way, until the graph
+    changes. Every other Decline in a walk is taken as depending on more (see :class:`Walks`)."""
+
+
+@dataclass
+class Walks:
+    """Shift walks that failed, remembered by one pass of push_shift_backward until a rewrite
+    changes the graph (``forget``).
+
+    In a DenseNet block every BN's shift walks down the same chain of concatenations to the
+    block's input and fails there (a RELU also reads it); remembering the failed walk below
+    each concatenation makes the block linear instead of quadratic in its layers.
+
+    A walk's failure is kept only when it is :class:`Structural` and no other refusal was met
+    on the way (``contextual`` counts those, caught or not: a residual ADD whose first branch
+    failed for a contextual reason may take that branch elsewhere). With the tensors the walk
+    looked at and how deep it went, a remembered failure is raised again only where the walk
+    itself would reach it: no tensor of it visited already and no step beyond MAX_DEPTH. The
+    decision and its message are then the walk's own.
+    """
+
+    failed: dict[tuple, tuple[Structural, int, frozenset]] = field(default_factory=dict)
+    contextual: int = 0
+    trace: list[int] = field(default_factory=list)  # tensors the walks looked at, in order
+    deepest: int = 0
+
+    def forget(self) -> None:
+        self.failed.clear()
+
+
 # scale -------------------------------------------------------------------------------------
 def crosses_with_the_scale(graph: Graph, op: Table, tensor: int) -> bool:
     """Whether a per-channel scale on ``tensor`` moves through ``op`` (one of SCALE_COMMUTING,
@@ -325,24 +358,66 @@ class MoveBareScaleForward(MoveScaleForward):
 
 # shift -------------------------------------------------------------------------------------
 def push_shift(
-    graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int = 0
+    graph: Graph,
+    tensor: int,
+    delta: np.ndarray,
+    plan: Plan,
+    exclude: Table | None,
+    depth: int = 0,
+    walks: Walks | None = None,
 ) -> None:
-    """Plan for ``tensor`` to become tensor + delta, with every consumer but ``exclude`` compensated."""
+    """Plan for ``tensor`` to become tensor + delta, with every consumer but ``exclude`` compensated.
+
+    ``walks``: failed walks to remember and to raise again without walking (a rule pass's own).
+    """
+    if walks is None:
+        walks = Walks()
+    key = (tensor, id(exclude), (delta != 0).tobytes())
+    known = walks.failed.get(key)
+    if known is not None:
+        error, reach, seen = known
+        if depth + reach <= MAX_DEPTH and seen.isdisjoint(plan.visited):
+            walks.trace.extend(seen)
+            walks.deepest = max(walks.deepest, depth + reach)
+            raise Structural(*error.args)
+    contextual, start, deepest = walks.contextual, len(walks.trace), walks.deepest
+    walks.deepest = depth
+    try:
+        _push_shift(graph, tensor, delta, plan, exclude, depth, walks)
+    except Structural as error:
+        if walks.contextual == contextual:
+            seen = frozenset(walks.trace[start:])
+            walks.failed[key] = (error, walks.deepest - depth, seen)
+        raise
+    finally:
+        walks.deepest = max(deepest, walks.deepest)
+
+
+def _push_shift(
+    graph: Graph,
+    tensor: int,
+    delta: np.ndarray,
+    plan: Plan,
+    exclude: Table | None,
+    depth: int,
+    walks: Walks,
+) -> None:
     if depth > MAX_DEPTH:
         raise Decline("the shift would travel too far")
+    walks.trace.append(tensor)
     if tensor in plan.visited:
         raise Decline(f"the shift reaches {graph.name(tensor)!r} twice")
     plan.visited.add(tensor)
     producer = graph.producer_of(tensor)
     if producer is None:
-        raise Decline(f"{graph.name(tensor)!r} is a graph input or constant")
+        raise Structural(f"{graph.name(tensor)!r} is a graph input or constant")
     kind = producer.opcode.name
     if (
         fused_activation(producer) not in ("NONE",)
         and producer.get("builtinOptions") is not None
         and "fusedActivationFunction" in producer.builtinOptions.fields()
     ):
-        raise Decline(
+        raise Structural(
             f"{kind} producing {graph.name(tensor)!r} has fused {fused_activation(producer)}"
         )
     if kind in LAYERS:
@@ -362,15 +437,17 @@ def push_shift(
         for branch in branches:
             trial = _copy_plan(plan)
             try:
-                push_shift(graph, branch, delta, trial, producer, depth + 1)
+                push_shift(graph, branch, delta, trial, producer, depth + 1, walks)
             except Decline as decline:
-                errors.append(str(decline))
+                errors.append(decline)
+                if not isinstance(decline, Structural):
+                    walks.contextual += 1  # another walk may take this branch
                 continue
             _adopt(plan, trial)
             break
         else:
-            raise Decline(
-                f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(errors)})"
+            raise Structural(
+                f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(map(str, errors))})"
             )
     elif (
         kind in ("ADD", "SUB")
@@ -382,22 +459,22 @@ def push_shift(
         if np.any(affine.scale != 1):
             raise Decline("SUB from a constant")
     elif kind in SHIFT_COMMUTING:
-        push_shift(graph, producer.inputs[0], delta, plan, producer, depth + 1)
+        push_shift(graph, producer.inputs[0], delta, plan, producer, depth + 1, walks)
     elif kind == "CONCATENATION":
-        _push_through_concat(graph, producer, tensor, delta, plan, depth)
+        _push_through_concat(graph, producer, delta, plan, depth, walks)
     elif kind in ("PAD", "PADV2"):
-        raise Decline(
+        raise Structural(
             f"the shift cannot cross the zero PAD {graph.name(tensor)!r}: the padded border would change"
         )
     else:
         source = producer.inputs[0] if producer.inputs else -1
         if source >= 0 and graph.producer_of(source) is None and not graph.is_constant(source):
-            raise Decline(
+            raise Structural(
                 f"above {kind} {graph.name(tensor)!r} is the graph input {graph.name(source)!r}, "
                 "and no layer there to take a shift"
             )
-        raise Decline(f"{kind} producing {graph.name(tensor)!r} cannot take a shift")
-    compensate(graph, tensor, delta, plan, exclude, depth + 1)
+        raise Structural(f"{kind} producing {graph.name(tensor)!r} cannot take a shift")
+    compensate(graph, tensor, delta, plan, exclude, depth + 1, walks)
 
 
 def _branch_preference(graph: Graph, tensor: int) -> int:
@@ -434,25 +511,31 @@ def _concat_delta(graph: Graph, concat: Table, tensor: int, delta: np.ndarray) -
 
 
 def _push_through_concat(
-    graph: Graph, concat: Table, tensor: int, delta: np.ndarray, plan: Plan, depth: int
+    graph: Graph, concat: Table, delta: np.ndarray, plan: Plan, depth: int, walks: Walks
 ) -> None:
     if not _is_channel_concat(graph, concat):
-        raise Decline("CONCATENATION is not along the channel axis")
+        raise Structural("CONCATENATION is not along the channel axis")
     start = 0
     for part in concat.inputs:
         width = graph.shape(part)[-1]
         piece = delta[start : start + width]
         start += width
-        if np.any(piece):
-            push_shift(graph, part, piece, plan, concat, depth + 1)
+        if piece.any():
+            push_shift(graph, part, piece, plan, concat, depth + 1, walks)
 
 
 def compensate(
-    graph: Graph, tensor: int, delta: np.ndarray, plan: Plan, exclude: Table | None, depth: int
+    graph: Graph,
+    tensor: int,
+    delta: np.ndarray,
+    plan: Plan,
+    exclude: Table | None,
+    depth: int,
+    walks: Walks,
 ) -> None:
     """``tensor`` now carries +delta: keep every consumer but ``exclude`` computing what it did."""
     if graph.is_graph_output(tensor):
-        raise Decline(f"the shifted tensor {graph.name(tensor)!r} is a graph output")
+        raise Structural(f"the shifted tensor {graph.name(tensor)!r} is a graph output")
     for consumer in graph.consumers_of(tensor):
         if consumer is exclude:
             continue
@@ -466,7 +549,7 @@ def compensate(
         ):
             # a residual sum: take delta back out of the other branch
             sign = -1.0 if kind == "ADD" else 1.0  # a - (b + d) and (a + d) - b both need b + d
-            push_shift(graph, others[0], sign * delta, plan, consumer, depth + 1)
+            push_shift(graph, others[0], sign * delta, plan, consumer, depth + 1, walks)
         elif kind in ("ADD", "SUB") and len(others) == 1 and graph.is_constant(others[0]):
             affine = affine_of(graph, consumer)
             if np.any(affine.scale != 1):
@@ -479,9 +562,11 @@ def compensate(
             and fused_activation(consumer) == "NONE"
         ):
             affine = affine_of(graph, consumer)
-            compensate(graph, consumer.outputs[0], affine.scale * delta, plan, None, depth + 1)
+            compensate(
+                graph, consumer.outputs[0], affine.scale * delta, plan, None, depth + 1, walks
+            )
         elif kind in SHIFT_COMMUTING and fused_activation(consumer) == "NONE":
-            compensate(graph, consumer.outputs[0], delta, plan, None, depth + 1)
+            compensate(graph, consumer.outputs[0], delta, plan, None, depth + 1, walks)
         elif kind == "CONCATENATION" and _is_channel_concat(graph, consumer):
             compensate(
                 graph,
@@ -490,6 +575,7 @@ def compensate(
                 plan,
                 None,
                 depth + 1,
+                walks,
             )
         elif (
             kind in LAYERS
@@ -497,7 +583,7 @@ def compensate(
             and consumer.inputs[LAYERS[kind].data_input] == tensor
         ):
             if kind != "FULLY_CONNECTED" and not spatial_padding_is_zero(graph, consumer):
-                raise Decline(
+                raise Structural(
                     f"{kind} reading {graph.name(tensor)!r} pads its input, so a shift cannot be compensated there"
                 )
             _, bias = plan_consumer(
@@ -510,12 +596,12 @@ def compensate(
                 bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]),
             )
         elif kind in ("RELU", "RELU6", "RELU_N1_TO_1"):
-            raise Decline(
+            raise Structural(
                 f"{kind} {graph.name(consumer.outputs[0])!r} also reads {graph.name(tensor)!r} "
                 "(a BN whose own shift already went upstream), and an activation cannot be compensated"
             )
         else:
-            raise Decline(
+            raise Structural(
                 f"consumer {kind} of the shifted tensor {graph.name(tensor)!r} cannot be compensated"
             )
 
@@ -574,6 +660,7 @@ class PushShiftBackward(Rule):
 
     def apply(self, graph: Graph, ctx: Context) -> int:
         count = 0
+        walks = Walks()
         for op in graph.live_ops("ADD", "SUB"):
             try:
                 affine = affine_of(graph, op)
@@ -597,7 +684,7 @@ class PushShiftBackward(Rule):
                             f"({alone}), which int8 delegates run as a separate partition"
                         )
                 plan = Plan()
-                push_shift(graph, affine.data, affine.shift, plan, op)
+                push_shift(graph, affine.data, affine.shift, plan, op, walks=walks)
                 if id(op) in plan.constant_deltas:
                     raise Decline("the compensation would reach this ADD itself")
                 changes = materialize(graph, plan)
@@ -609,6 +696,7 @@ class PushShiftBackward(Rule):
                 continue
             labels = self.labels(graph, [op])
             changed = self.labels(graph, [target for _, target, _ in changes])
+            walks.forget()  # the graph changes: what failed may pass now
             apply_changes(graph, changes)
             if fused_activation(op) == "RELU":
                 graph.set_op_type(op, "RELU", 1)
