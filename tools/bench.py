@@ -377,9 +377,10 @@ def cost_markdown(results: dict) -> list[str]:
         lines += [
             "",
             "Where the in-process time goes (ms, median of the runs; the phases of `optimize_file` timed one by one,",
-            "then LiteRT's): *decode* includes structural validation; *write* copies unchanged weights file to file",
-            "(copy_file_range) and writes the rest; *fsync* makes the output durable, which LiteRT's `write_model`",
-            "does not do.",
+            "then LiteRT's): *decode* includes structural validation; *write* writes unchanged weights from the",
+            "input's map (copies them file to file over 64 MiB), computes folded ones as it writes them, and",
+            "includes replacing the previous output; *fsync* makes the output durable, which LiteRT's",
+            "`write_model` does not do.",
             "",
             "| model | decode | rules | encode | write | fsync | tfl_fuse total | LiteRT read | LiteRT write | LiteRT total | ratio | ratio without fsync |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
