@@ -161,13 +161,18 @@ def eager_product(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
         ((), ()),
     ],
 )
-def test_scaled_float32_writes_the_eager_products_bit_for_bit(shape, factor_shape, tmp_path):
+@pytest.mark.parametrize("float32_factors", [False, True])
+def test_scaled_float32_writes_the_eager_products_bit_for_bit(
+    shape, factor_shape, float32_factors, tmp_path
+):
     from tfl_fuse.model import ScaledProduct
     from tfl_fuse.rules.predicates import scaled_float32
 
     rng = np.random.default_rng(len(shape) + int(np.prod(shape)))
     weights = rng.normal(size=shape).astype(np.float32)
     factors = rng.uniform(-3, 3, size=factor_shape)
+    if float32_factors:  # a BN's MUL constant: the float32 multiply
+        factors = factors.astype(np.float32).astype(np.float64)
     product = scaled_float32(weights, factors)
     expected = eager_product(weights, factors)
     if weights.nbytes < 4096:  # less than a page: computed at once
@@ -207,6 +212,36 @@ def test_scaled_float32_declines_what_a_product_would_not_hold(bad, message):
     factors[..., 7] = 0.25  # the same weights, a factor that keeps the product in range
     if where == "weight" and np.isfinite(value):
         assert np.isfinite(scaled_float32(weights, factors).value()).all()
+
+
+def test_float32_factors_are_multiplied_in_float32_with_the_same_bits():
+    """Factors that are float32 values (a BN's MUL constant) take the float32 multiply, which
+    must give the float64 product rounded once, bit for bit: across every exponent, with
+    subnormal weights, subnormal and overflowing products, and both signs of zero."""
+    from tfl_fuse.model import ScaledProduct
+
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 1 << 32, size=(300, 2, 2, 64), dtype=np.uint64).astype(np.uint32)
+    weights = bits.view(np.float32)
+    weights[~np.isfinite(weights)] = 0.0  # rules decline non-finite weights before this
+    weights[0, 0, 0, :8] = [0.0, -0.0, 1e-45, -1e-45, 1.2e-38, 3.4e38, -3.4e38, 1.0]
+    factor_bits = rng.integers(0, 1 << 32, size=64, dtype=np.uint64).astype(np.uint32)
+    factors = factor_bits.view(np.float32).astype(np.float64)
+    factors[~np.isfinite(factors)] = 1.0
+    factors[:8] = [1e-30, 2.0, 0.5, 1e30, 3.0, 1.5, 0.75, -0.0]
+    factors = factors.astype(np.float32).astype(np.float64)  # float32 values, read as float64
+    for shape in [(1, 1, 1, 64), (300, 1, 1, 1)]:
+        near = factors[: shape[0]] if shape[0] > 1 else factors
+        near = np.resize(near, shape)
+        product = ScaledProduct(weights, near)
+        assert product._factors32 is not None  # the float32 multiply
+        expected = eager_product(weights, near)
+        with np.errstate(over="ignore", under="ignore"):
+            written = b"".join(bytes(piece) for piece in product.pieces())
+        assert written == expected.tobytes()
+    wide = np.full((1, 1, 1, 64), 0.1)  # 0.1 is no float32 value: the float64 multiply
+    assert ScaledProduct(weights, wide)._factors32 is None
+    assert ScaledProduct(weights.astype(np.float64), near)._factors32 is None
 
 
 def test_a_folded_constant_is_read_as_the_product():

@@ -200,6 +200,15 @@ class ScaledProduct:
         self.factors = np.asarray(factors, np.float64)
         self.shape = tuple(source.shape)
         self._value: np.ndarray | None = None
+        # Where every factor is a float32 value (a BN's MUL constant, read as float64), a
+        # float32 multiply gives the same bits as the float64 product rounded once: the exact
+        # product of two float32 values has at most 48 significant bits, so float64 holds it
+        # exactly and both round it once, to nearest even. float32 runs about 3x faster (no
+        # conversion on the way in and out).
+        narrow = self.factors.astype(np.float32)
+        self._factors32 = (
+            narrow if source.dtype == np.float32 and np.array_equal(narrow, self.factors) else None
+        )
 
     @property
     def size(self) -> int:
@@ -243,6 +252,9 @@ class ScaledProduct:
         if source.ndim == 0:
             yield np.multiply(source, factors, dtype=np.float64).astype(np.float32).reshape(1)
             return
+        exact32 = self._factors32 is not None
+        if exact32:
+            factors = self._factors32
         row = max(1, source[0].size)
         rows = max(1, SCALE_CHUNK_VALUES // row)
         per_row = factors.ndim == source.ndim and factors.shape[0] != 1
@@ -252,14 +264,12 @@ class ScaledProduct:
             part = slice(start, start + rows)
             block = source[part]
             out = _scratch_array(block.shape) if small else np.empty(block.shape, np.float32)
-            # one pass: each product in float64, rounded to float32 as it is stored
-            np.multiply(
-                block,
-                factors[part] if per_row else factors,
-                out=out,
-                dtype=np.float64,
-                casting="unsafe",
-            )
+            near = factors[part] if per_row else factors
+            if exact32:
+                np.multiply(block, near, out=out)  # the same bits (see __init__)
+            else:
+                # one pass: each product in float64, rounded to float32 as it is stored
+                np.multiply(block, near, out=out, dtype=np.float64, casting="unsafe")
             if release:
                 release_mapped_pages(block)
             yield out
