@@ -468,6 +468,61 @@ def test_fuzz_reproducer_classes(capsys, tmp_path, good_model, change, expect):
     assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)
 
 
+# Every operator type a rule reads has its LiteRT operand counts checked (fuzz: a STRIDED_SLICE
+# with no inputs, producing a per-channel MUL's input, reached move_before_rearrangement).
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "STRIDED_SLICE",
+        "SLICE",
+        "GATHER",
+        "MIRROR_PAD",
+        "PADV2",
+        "RESIZE_BILINEAR",
+        "RESIZE_NEAREST_NEIGHBOR",
+        "DEQUANTIZE",
+        "QUANTIZE",
+        "FAKE_QUANT",
+    ],
+)
+def test_an_operator_rules_read_without_its_operands_is_refused(capsys, tmp_path, good_model, kind):
+    from ai_edge_litert import schema_py_generated as schema
+
+    def change(m):
+        code = getattr(schema.BuiltinOperator, kind)
+        opcode = schema.OperatorCodeT()
+        opcode.builtinCode, opcode.deprecatedBuiltinCode, opcode.version = code, min(code, 127), 1
+        m.operatorCodes.append(opcode)
+        op = m.subgraphs[0].operators[0]  # the CONV_2D that feeds the MUL
+        op.opcodeIndex, op.inputs = len(m.operatorCodes) - 1, []
+        op.builtinOptionsType, op.builtinOptions = 0, None
+
+    assert_refused(capsys, tmp_path, corrupt(good_model, change), f"({kind}) has 0 inputs")
+
+
+def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):
+    """A graph output named with bytes that are not UTF-8 (fuzz): LiteRT runs the model, but its
+    Python interpreter raises a bare UnicodeDecodeError on every question about that tensor.
+    --verify and the int8 simulation say why in one line; without them the model folds."""
+    from tfl_fuse import quantsim
+
+    def change(m):
+        sg = m.subgraphs[0]
+        sg.tensors[sg.outputs[0]].name = b"\xff\xfeout"
+
+    data = corrupt(good_model, change)
+    _, report = tfl_fuse.optimize(data)
+    assert report["ops_after"].get("MUL", 0) == 0  # folded as without the name
+    src, dst = tmp_path / "in.tflite", tmp_path / "out.tflite"
+    src.write_bytes(data)
+    code, err = run_cli(capsys, [src, dst, "--verify"])
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "name is not UTF-8 text" in err and "internal error" not in err
+    assert not dst.exists()
+    with pytest.raises(quantsim.SimulationError, match="name is not UTF-8 text"):
+        quantsim.outputs(data, [[np.zeros((1, 8, 8, 4), np.float32)]])
+
+
 def test_elementwise_op_without_options_reads_as_no_activation(good_model):
     """LiteRT runs a MUL/ADD without options (no activation); so do the rules."""
 

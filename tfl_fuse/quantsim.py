@@ -43,6 +43,7 @@ import numpy as np
 from . import fb
 from .graph import Graph
 from .model import Model, Table
+from .verify import require_readable_names
 
 # weight input and output-channel axis of each layer kind (as the quantizers quantize them)
 WEIGHT_AXIS = {
@@ -202,6 +203,7 @@ def _interpreter(data: bytes, preserve: bool = False) -> Any:
             experimental_preserve_all_tensors=preserve,
         )
         interp.allocate_tensors()
+        require_readable_names(interp)
     except (RuntimeError, ValueError) as error:
         raise SimulationError(
             f"LiteRT cannot run the model: {str(error).splitlines()[0]}"

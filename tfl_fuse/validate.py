@@ -88,6 +88,16 @@ ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "SPACE_TO_BATCH_ND": (3, 3, 1, 1, ()),
     "BATCH_TO_SPACE_ND": (3, 3, 1, 1, ()),
     "CONCATENATION": (1, 1 << 30, 1, 1, ()),
+    "STRIDED_SLICE": (4, 4, 1, 1, ()),
+    "SLICE": (3, 3, 1, 1, ()),
+    "GATHER": (2, 2, 1, 1, ()),
+    "MIRROR_PAD": (2, 2, 1, 1, ()),
+    "PADV2": (2, 3, 1, 1, (2,)),
+    "RESIZE_BILINEAR": (2, 2, 1, 1, ()),
+    "RESIZE_NEAREST_NEIGHBOR": (2, 2, 1, 1, ()),
+    "DEQUANTIZE": (1, 1, 1, 1, ()),
+    "QUANTIZE": (1, 1, 1, 1, ()),
+    "FAKE_QUANT": (1, 1, 1, 1, ()),
 }
 
 # Layers: (weights input, bias input, output-channel axis of the weights, weights rank).

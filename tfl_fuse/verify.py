@@ -63,7 +63,21 @@ def interpreter(
     )
     interp = Interpreter(model_content=as_tflite(data), num_threads=threads, **options)
     interp.allocate_tensors()
+    require_readable_names(interp)
     return interp
+
+
+def require_readable_names(interp: Any) -> None:
+    """ValueError, in words, where LiteRT's Python API cannot read the model's graph input or
+    output names: one is not UTF-8. LiteRT's runtime runs such a model, but its Python
+    interpreter raises a bare UnicodeDecodeError on every question about those tensors."""
+    try:
+        interp.get_input_details()
+        interp.get_output_details()
+    except UnicodeDecodeError:
+        raise ValueError(
+            "a graph input or output name is not UTF-8 text, which LiteRT's Python API cannot read"
+        ) from None
 
 
 def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.ndarray]:
