@@ -430,6 +430,10 @@ def _conv_input_channels(m):
     _tensor(m, "ifm").shape = [1, 16, 16, 2**31 - 1]
 
 
+def _conv_input_zero_channels(m):
+    _tensor(m, "ifm").shape = [1, 16, 16, 0]  # no group at all: LiteRT divides by 0 groups
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -445,6 +449,7 @@ def _conv_bias_length(m):
         (_add_output_shape, "output shape [1, 8, 8, 8, 40000] is not the operands' [1, 8, 8, 8]"),
         (_add_output_shape_unknown, "output shape [] is not the operands' [1, 8, 8, 8]"),
         (_conv_input_channels, "input shape [1, 16, 16, 2147483647] does not fit weights"),
+        (_conv_input_zero_channels, "input shape [1, 16, 16, 0] does not fit weights"),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
@@ -456,6 +461,7 @@ def _conv_bias_length(m):
         "elementwise-output-shape",
         "elementwise-output-shape-unknown",
         "conv-input-channels",
+        "conv-input-zero-channels",
         "conv-output-channels",
         "conv-bias-length",
         "operand-count",
@@ -498,6 +504,24 @@ def test_an_operator_rules_read_without_its_operands_is_refused(capsys, tmp_path
         op.builtinOptionsType, op.builtinOptions = 0, None
 
     assert_refused(capsys, tmp_path, corrupt(good_model, change), f"({kind}) has 0 inputs")
+
+
+def test_degenerate_figures_decline_without_numpy_warnings():
+    """Fuzz: a scale of 0 and a tensor without channels printed numpy's RuntimeWarnings on
+    stderr under --target int8. The checks decide on them quietly."""
+    import warnings
+
+    from tfl_fuse.rules import activation_stats, quantized
+    from tfl_fuse.rules.base import Decline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, variance = activation_stats._flat((np.zeros(0), np.zeros(0)), 3)
+        np.testing.assert_array_equal(mean, [0, 0, 0])
+        np.testing.assert_array_equal(variance, [1, 1, 1])
+        for weight_scales in ([0.25, 1.0], [0.25, 0.0]):  # x / 0 and 0 / 0
+            with pytest.raises(Decline, match="multiplier would be too small"):
+                quantized.check_multiplier(0.5, np.array(weight_scales), 0.0)
 
 
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):

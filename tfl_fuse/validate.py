@@ -472,4 +472,5 @@ def _input_channels_fit(kind: str, in_shape: list[int], weight_shape: list[int])
         return in_shape[-1] > 0 and weight_shape[3] % in_shape[-1] == 0
     if kind == "TRANSPOSE_CONV":
         return in_shape[-1] == weight_shape[3]
-    return weight_shape[3] > 0 and in_shape[-1] % weight_shape[3] == 0  # CONV_2D, CONV_3D
+    # CONV_2D, CONV_3D: at least one group (LiteRT divides by the number of groups)
+    return weight_shape[3] > 0 and in_shape[-1] > 0 and in_shape[-1] % weight_shape[3] == 0

@@ -64,8 +64,11 @@ def _channels(graph: Graph, tensor: int) -> int:
 
 
 def _flat(stats: Stats, channels: int) -> Stats:
-    """The figures averaged over channels, for a tensor whose channels do not map one to one."""
+    """The figures averaged over channels, for a tensor whose channels do not map one to one;
+    (0, 1) where it has no channels to average."""
     mean, variance = stats
+    if not mean.size:
+        return np.zeros(channels), np.ones(channels)
     return np.full(channels, float(mean.mean())), np.full(channels, float(variance.mean()))
 
 
@@ -117,7 +120,7 @@ def _layer(graph: Graph, op: Table, inputs: Stats) -> Stats | None:
             part = slice(g * w.shape[3], (g + 1) * w.shape[3])
             m, v = mean[part], variance[part]
             if len(m) != w.shape[3]:
-                m, v = np.full(w.shape[3], mean.mean()), np.full(w.shape[3], variance.mean())
+                m, v = _flat((mean, variance), w.shape[3])
             out_mean[o] = (rows[o] * m).sum()
             out_var[o] = (rows[o] ** 2 * v).sum()
         if kind == "TRANSPOSE_CONV":

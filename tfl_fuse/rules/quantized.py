@@ -163,7 +163,8 @@ def check_bias_fits(bias: np.ndarray, type_name: str) -> None:
 
 
 def check_multiplier(input_scale: float, weight_scale: np.ndarray, output_scale: float) -> None:
-    multiplier = input_scale * weight_scale / output_scale
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # checked right below
+        multiplier = input_scale * weight_scale / output_scale
     if np.any(multiplier < SMALLEST_MULTIPLIER) or not np.all(np.isfinite(multiplier)):
         raise Decline("a requantization multiplier would be too small for LiteRT (scale near 0)")
 
