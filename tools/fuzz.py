@@ -12,7 +12,8 @@ output format.
 
 An outcome is fine when ``optimize`` returns or raises ``ModelError`` with one line that is
 not the engine's catch-all ("met an inconsistent model": validation should have refused the
-model before any rule ran). Anything else is a failure, grouped by signature (exception type
+model before any rule ran), and no warning reaches the caller (the CLI would print it on
+stderr beside its one line). Anything else is a failure, grouped by signature (exception type
 and the innermost tfl_fuse frame, or the catch-all's inner error); the first input of each
 signature is written to ``OUT/<signature>.tflite`` and the run exits 1.
 """
@@ -30,6 +31,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +303,12 @@ def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
     if rng.random() < 0.1:
         options["output_format"] = rng.choice(["tflite", "circle"])
     try:
-        output, report = tfl_fuse.optimize(data, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output, report = tfl_fuse.optimize(data, **options)
+        if caught:
+            where = f"{Path(caught[0].filename).name}:{caught[0].lineno}"
+            return f"{caught[0].category.__name__} at {where}", str(caught[0].message)[:300]
     except Timeout:
         return "Timeout", f"over {TIMEOUT_SECONDS} s"
     except BaseException as error:  # noqa: BLE001 - every outcome is classified
