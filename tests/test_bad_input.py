@@ -434,6 +434,10 @@ def _conv_input_zero_channels(m):
     _tensor(m, "ifm").shape = [1, 16, 16, 0]  # no group at all: LiteRT divides by 0 groups
 
 
+def _conv_input_taller(m):
+    _tensor(m, "ifm").shape = [1, 4849670, 16, 4]  # LiteRT would compute a far larger output
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -450,6 +454,10 @@ def _conv_bias_length(m):
         (_add_output_shape_unknown, "output shape [] is not the operands' [1, 8, 8, 8]"),
         (_conv_input_channels, "input shape [1, 16, 16, 2147483647] does not fit weights"),
         (_conv_input_zero_channels, "input shape [1, 16, 16, 0] does not fit weights"),
+        (
+            _conv_input_taller,
+            "output shape [1, 8, 8, 8] is not the [1, 2424835, 8, 8] LiteRT computes from its input",
+        ),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
@@ -462,6 +470,7 @@ def _conv_bias_length(m):
         "elementwise-output-shape-unknown",
         "conv-input-channels",
         "conv-input-zero-channels",
+        "conv-output-spatial",
         "conv-output-channels",
         "conv-bias-length",
         "operand-count",
@@ -504,6 +513,23 @@ def test_an_operator_rules_read_without_its_operands_is_refused(capsys, tmp_path
         op.builtinOptionsType, op.builtinOptions = 0, None
 
     assert_refused(capsys, tmp_path, corrupt(good_model, change), f"({kind}) has 0 inputs")
+
+
+def test_stored_spatial_shapes_are_checked_only_where_they_are_static(good_model):
+    """Fuzz (an int8 simulation of a 4.8 M-row image): a conv's stored output shape must be the
+    one LiteRT computes. Axes a shape signature marks dynamic (-1) are left to runtime, as the
+    converter stores 1 there."""
+
+    def dynamic(m, signature):
+        for name, channels in (("ifm", 4), ("conv", 8), ("mul", 8), ("ofm", 8)):
+            t = _tensor(m, name)
+            t.shape = [1, 1, 1, 4] if name == "ifm" else [1, 5, 5, 8]
+            t.shapeSignature = [1, -1, -1, channels] if signature else None
+
+    with pytest.raises(ModelError, match=r"output shape \[1, 5, 5, 8\] is not the \[1, 1, 1, 8\]"):
+        tfl_fuse.optimize(corrupt(good_model, lambda m: dynamic(m, False)))
+    _, report = tfl_fuse.optimize(corrupt(good_model, lambda m: dynamic(m, True)))
+    assert report["ops_after"] == {"CONV_2D": 1}
 
 
 def test_degenerate_figures_decline_without_numpy_warnings():

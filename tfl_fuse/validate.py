@@ -100,6 +100,18 @@ ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "FAKE_QUANT": (1, 1, 1, 1, ()),
 }
 
+# Ops whose output LiteRT sizes from the input, a window, strides, dilations and padding:
+# (rank, the weights input whose axes give the window, those axes); pools take the window from
+# their options.
+SPATIAL_KERNELS = {
+    "CONV_2D": (4, 1, (1, 2)),
+    "DEPTHWISE_CONV_2D": (4, 1, (1, 2)),
+    "CONV_3D": (5, 1, (0, 1, 2)),
+    "MAX_POOL_2D": (4, None, ()),
+    "AVERAGE_POOL_2D": (4, None, ()),
+}
+PADDING_SAME = 0  # the schema's Padding enum: SAME, VALID
+
 # Layers: (weights input, bias input, output-channel axis of the weights, weights rank).
 LAYER_CHANNELS = {
     "CONV_2D": (1, 2, 0, 4),
@@ -244,6 +256,10 @@ def validate(model: Model) -> None:
                 for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         _check_acyclic(subgraph, where)
+        for k, op in enumerate(subgraph.operators):  # shapes, once the graph is one
+            if op.opcode.name in SPATIAL_KERNELS:
+                op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
+                _check_spatial_output(op, subgraph.tensors, op_where)
     for signature in model.signature_defs:
         index = signature.get("subgraphIndex", 0)
         _check_index(
@@ -414,6 +430,48 @@ def _check_arity(
             raise ModelError(
                 f"{where}: output shape {list(out_shape)} is not the operands' {list(shape)}"
             )
+
+
+def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) -> None:
+    """The output's spatial size is the one LiteRT computes from the input, the window, the
+    strides, dilations and padding (it resizes the output to it when it prepares the op). A
+    stored shape that says otherwise contradicts the model, and rules reason on stored shapes
+    (the border a SAME padding adds, what a simulation costs). Shapes with dynamic axes
+    (a shape signature with -1) are left to runtime."""
+    options = op.get("builtinOptions")
+    rank, weights_input, axes = SPATIAL_KERNELS[op.opcode.name]
+    data, out = tensors[op.inputs[0]], tensors[op.outputs[0]]
+    in_shape, out_shape = list(data.get("shape") or ()), list(out.get("shape") or ())
+    if options is None or len(in_shape) != rank or len(out_shape) != rank:
+        return
+    if any(-1 in list(t.get("shapeSignature") or ()) for t in (data, out)):
+        return
+    if weights_input is None:
+        window = [options.filterHeight, options.filterWidth]
+        strides, dilations = [options.strideH, options.strideW], [1, 1]
+    else:
+        weight_shape = list(tensors[op.inputs[weights_input]].get("shape") or ())
+        if len(weight_shape) != rank:
+            return  # _check_layer_channels says why
+        window = [weight_shape[a] for a in axes]
+        strides = [options.strideH, options.strideW]
+        dilations = [options.dilationHFactor, options.dilationWFactor]
+        if rank == 5:
+            strides, dilations = [options.strideD, *strides], [options.dilationDFactor, *dilations]
+    expected = list(out_shape)
+    for axis, (size, k, stride, dilation) in enumerate(
+        zip(in_shape[1:-1], window, strides, dilations), start=1
+    ):
+        if options.padding == PADDING_SAME:
+            expected[axis] = (size + stride - 1) // stride
+        else:  # VALID; C's division truncates towards zero
+            reach = size + stride - ((k - 1) * dilation + 1)
+            expected[axis] = reach // stride if reach >= 0 else -(-reach // stride)
+    if expected != out_shape:
+        raise ModelError(
+            f"{where}: output shape {out_shape} is not the {expected} LiteRT computes "
+            f"from its input {in_shape}"
+        )
 
 
 def _check_layer_channels(op: Table, tensors: list[Table], where: str | _Place) -> None:
