@@ -550,6 +550,25 @@ def test_degenerate_figures_decline_without_numpy_warnings():
                 quantized.check_multiplier(0.5, np.array(weight_scales), 0.0)
 
 
+@pytest.mark.parametrize("target", ["float", "int8"])
+def test_a_signaling_nan_weight_declines_without_numpy_warnings(good_model, target):
+    """Fuzz: a weight whose bits are a signaling NaN raises numpy's "invalid value" flag when a
+    rule reads it as float64. The folds decline it (not finite), and no warning escapes."""
+    import warnings
+
+    def change(m):
+        ker = _tensor(m, "ker")
+        raw = bytearray(bytes(m.buffers[ker.buffer].data))
+        raw[0:4] = (0x7F800001).to_bytes(4, "little")
+        m.buffers[ker.buffer].data = np.frombuffer(bytes(raw), np.uint8)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = tfl_fuse.optimize(corrupt(good_model, change), target=target)
+    assert all(r["rule"] != "fold_into_preceding_layer" for r in report["rewrites"])
+    assert any("would not be finite" in d["reason"] for d in report["declined"])
+
+
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):
     """A graph output named with bytes that are not UTF-8 (fuzz): LiteRT runs the model, but its
     Python interpreter raises a bare UnicodeDecodeError on every question about that tensor.

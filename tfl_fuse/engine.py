@@ -6,6 +6,8 @@ import re
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from . import float16, quantsim
 from .graph import Graph
 from .model import Model, ModelError, Table
@@ -108,6 +110,11 @@ def explain_leftovers(graph: Graph, ctx: Context) -> None:
         record_decline(ctx, "*", graph.index, [label], _leftover_reason(graph, op), graph, op)
 
 
+# numpy's floating-point warnings are off while rules run: every rule checks the values it
+# computes (require_finite, the multiplier and bias checks) and declines with a reason, so a
+# flag (a signaling NaN in a weight, x / 0 on the way to such a check) says nothing more, and
+# the CLI would print it beside its one line.
+@np.errstate(all="ignore")
 def run(
     model: Model,
     rules: list[Rule],

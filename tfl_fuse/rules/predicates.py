@@ -190,7 +190,8 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray | Sca
     """
     factors = np.asarray(factors, np.float64)
     if weights.nbytes < EAGER_BELOW_BYTES:  # less than a page: computed now, as it is cheaper
-        product = np.asarray(np.multiply(weights, factors, dtype=np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):  # require_finite says why
+            product = np.asarray(np.multiply(weights, factors, dtype=np.float64))
         require_finite(product)
         return product.astype(np.float32)
     padded = factors.reshape((1,) * (weights.ndim - factors.ndim) + factors.shape)

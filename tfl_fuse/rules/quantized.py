@@ -296,7 +296,11 @@ def fold_into_quantized_layer(graph: Graph, layer: Table, affine: QuantAffine) -
         else:
             old = np.zeros(channels, dtype=np.int64)
         new_bias: np.ndarray = np.where(zero, 0, old * np.where(flip, -1, 1))
-        new_bias = new_bias + quant.round_half_away(shift / bias_scale).astype(np.int64)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            moved = shift / bias_scale
+        if not np.all(np.abs(moved) < 2.0**62):  # nor NaN: what no int64 holds
+            raise Decline(f"the folded bias would not fit in {bias_type}")
+        new_bias = new_bias + quant.round_half_away(moved).astype(np.int64)
         check_bias_fits(new_bias, bias_type)
     else:
         if has_bias:
