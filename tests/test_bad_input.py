@@ -438,6 +438,10 @@ def _conv_input_taller(m):
     _tensor(m, "ifm").shape = [1, 4849670, 16, 4]  # LiteRT would compute a far larger output
 
 
+def _graph_input_computed(m):
+    m.subgraphs[0].inputs = [m.subgraphs[0].tensors.index(_tensor(m, "conv"))]
+
+
 def _conv_output_channels(m):
     _tensor(m, "conv").shape = [1, 8, 8, 2**31 - 1]
 
@@ -459,6 +463,7 @@ def _conv_bias_length(m):
             "output shape [1, 8, 8, 8] is not the [1, 2424835, 8, 8] LiteRT computes from its input",
         ),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
+        (_graph_input_computed, "operator 0 (CONV_2D) writes tensor 3, a graph input"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
         (_mul_absent_input, "operator 1 (MUL) input 1 is absent (-1)"),
@@ -472,6 +477,7 @@ def _conv_bias_length(m):
         "conv-input-zero-channels",
         "conv-output-spatial",
         "conv-output-channels",
+        "graph-input-computed",
         "conv-bias-length",
         "operand-count",
         "absent-operand",
@@ -567,6 +573,38 @@ def test_a_signaling_nan_weight_declines_without_numpy_warnings(good_model, targ
         _, report = tfl_fuse.optimize(corrupt(good_model, change), target=target)
     assert all(r["rule"] != "fold_into_preceding_layer" for r in report["rewrites"])
     assert any("would not be finite" in d["reason"] for d in report["declined"])
+
+
+def test_activation_figures_skip_a_tensor_with_more_channels_than_any_layer(good_model):
+    """Fuzz: a graph input of 1.36 G channels made the noise model allocate 10 GiB for its
+    figures. Such a tensor gets none; the layers after it fall back to flat figures."""
+    from tfl_fuse.graph import Graph
+    from tfl_fuse.rules import activation_stats
+
+    model = fb.decode(good_model)
+    graph = Graph(model, 0)
+    ifm = graph.subgraph.inputs[0]
+    graph.tensors[ifm].shape = [1, 16, 16, activation_stats.MAX_CHANNELS + 1]
+    stats = activation_stats.activation_statistics(graph)
+    assert ifm not in stats
+    conv = graph.ops[0].outputs[0]
+    assert len(stats[conv][0]) == 8 and np.all(np.isfinite(stats[conv][0]))
+
+
+def test_an_input_litert_leaves_unallocated_is_a_simulation_error():
+    """Fuzz: LiteRT refused to set an input it had not allocated (a ValueError that reached the
+    engine's catch-all); the simulation says so, and equalization falls back to its rule."""
+    from tfl_fuse import quantsim
+
+    class Unallocated:
+        def get_input_details(self):
+            return [{"index": 0}]
+
+        def set_tensor(self, index, value):
+            raise ValueError("Cannot set tensor: Tensor is unallocated.")
+
+    with pytest.raises(quantsim.SimulationError, match="Tensor is unallocated"):
+        quantsim._invoke(Unallocated(), [np.zeros(1, np.float32)])
 
 
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):

@@ -212,9 +212,9 @@ def _interpreter(data: bytes, preserve: bool = False) -> Any:
 
 
 def _invoke(interp: Any, inputs: list[np.ndarray]) -> None:
-    for detail, value in zip(interp.get_input_details(), inputs, strict=True):
-        interp.set_tensor(detail["index"], value)
     try:
+        for detail, value in zip(interp.get_input_details(), inputs, strict=True):
+            interp.set_tensor(detail["index"], value)  # LiteRT may have left an input unallocated
         interp.invoke()
     except (RuntimeError, ValueError) as error:
         raise SimulationError(

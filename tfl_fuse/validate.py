@@ -238,8 +238,12 @@ def validate(model: Model) -> None:
             _check_index(i, n_tensors, f"{where}: input tensor index")
         for o in subgraph.outputs:
             _check_index(o, n_tensors, f"{where}: output tensor index")
+        graph_inputs = set(subgraph.inputs)
         for k, op in enumerate(subgraph.operators):
             op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
+            for o in op.outputs:
+                if o in graph_inputs:  # the caller sets it: LiteRT allocates it as no op's output
+                    raise ModelError(f"{op_where} writes tensor {o}, a graph input")
             for i in op.inputs:
                 if not -1 <= i < n_tensors:
                     _check_index(i, n_tensors, f"{op_where} input tensor index", allow_absent=True)

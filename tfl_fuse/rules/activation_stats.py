@@ -28,6 +28,9 @@ from ..model import Table
 from .predicates import LAYERS, fused_activation
 
 INPUT_MEAN, INPUT_VARIANCE = 0.0, 1.0 / 3.0
+# Tensors with more channels than this get no figures (as a tensor of an unknown kind): no layer
+# has that many, and the figures' arrays would take memory from the stored shape alone.
+MAX_CHANNELS = 1 << 20
 Stats = tuple[np.ndarray, np.ndarray]  # per-channel mean, variance
 
 
@@ -214,7 +217,7 @@ def activation_statistics(graph: Graph) -> dict[int, Stats]:
     """Per-channel (mean, variance) of every float tensor a graph computes or takes as input."""
     stats: dict[int, Stats] = {}
     for t in graph.subgraph.inputs:
-        if t >= 0 and not graph.is_constant(t):
+        if t >= 0 and not graph.is_constant(t) and _channels(graph, t) <= MAX_CHANNELS:
             c = _channels(graph, t)
             stats[t] = np.full(c, INPUT_MEAN), np.full(c, INPUT_VARIANCE)
     for op in graph.ops:
@@ -222,6 +225,8 @@ def activation_statistics(graph: Graph) -> dict[int, Stats]:
             continue
         out = op.outputs[0]
         channels = _channels(graph, out)
+        if channels > MAX_CHANNELS:
+            continue
         data = [t for t in op.inputs if t >= 0 and t in stats]
         first = stats[data[0]] if data else (np.zeros(1), np.ones(1))
         kind = op.opcode.name
