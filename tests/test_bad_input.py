@@ -438,6 +438,10 @@ def _conv_input_taller(m):
     _tensor(m, "ifm").shape = [1, 4849670, 16, 4]  # LiteRT would compute a far larger output
 
 
+def _conv_input_batch(m):
+    _tensor(m, "ifm").shape = [2147483647, 16, 16, 4]  # LiteRT gives the output that batch
+
+
 def _graph_input_computed(m):
     m.subgraphs[0].inputs = [m.subgraphs[0].tensors.index(_tensor(m, "conv"))]
 
@@ -464,6 +468,7 @@ def _conv_bias_length(m):
         ),
         (_conv_output_channels, "has 2147483647 channels, weights of shape [8, 1, 1, 4] have 8"),
         (_graph_input_computed, "operator 0 (CONV_2D) writes tensor 3, a graph input"),
+        (_conv_input_batch, "output shape [1, 8, 8, 8] is not the [2147483647, 8, 8, 8]"),
         (_conv_bias_length, "bias of shape [4] for 8 channels"),
         (_mul_one_input, "operator 1 (MUL) has 1 inputs and 1 outputs"),
         (_mul_absent_input, "operator 1 (MUL) input 1 is absent (-1)"),
@@ -478,6 +483,7 @@ def _conv_bias_length(m):
         "conv-output-spatial",
         "conv-output-channels",
         "graph-input-computed",
+        "conv-output-batch",
         "conv-bias-length",
         "operand-count",
         "absent-operand",
@@ -589,6 +595,15 @@ def test_activation_figures_skip_a_tensor_with_more_channels_than_any_layer(good
     assert ifm not in stats
     conv = graph.ops[0].outputs[0]
     assert len(stats[conv][0]) == 8 and np.all(np.isfinite(stats[conv][0]))
+
+
+def test_litert_errors_are_said_in_one_line_even_without_a_message():
+    """Fuzz: LiteRT raised an error with an empty message, and taking its first line failed."""
+    from tfl_fuse.verify import litert_reason
+
+    assert litert_reason(RuntimeError("")) == "RuntimeError without a message"
+    assert litert_reason(ValueError("  \n")) == "ValueError without a message"
+    assert litert_reason(RuntimeError("first\nsecond")) == "first"
 
 
 def test_an_input_litert_leaves_unallocated_is_a_simulation_error():

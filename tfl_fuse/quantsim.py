@@ -43,7 +43,7 @@ import numpy as np
 from . import fb
 from .graph import Graph
 from .model import Model, Table
-from .verify import require_readable_names
+from .verify import litert_reason, require_readable_names
 
 # weight input and output-channel axis of each layer kind (as the quantizers quantize them)
 WEIGHT_AXIS = {
@@ -205,9 +205,7 @@ def _interpreter(data: bytes, preserve: bool = False) -> Any:
         interp.allocate_tensors()
         require_readable_names(interp)
     except (RuntimeError, ValueError) as error:
-        raise SimulationError(
-            f"LiteRT cannot run the model: {str(error).splitlines()[0]}"
-        ) from None
+        raise SimulationError(f"LiteRT cannot run the model: {litert_reason(error)}") from None
     return interp
 
 
@@ -217,9 +215,7 @@ def _invoke(interp: Any, inputs: list[np.ndarray]) -> None:
             interp.set_tensor(detail["index"], value)  # LiteRT may have left an input unallocated
         interp.invoke()
     except (RuntimeError, ValueError) as error:
-        raise SimulationError(
-            f"LiteRT cannot run the model: {str(error).splitlines()[0]}"
-        ) from None
+        raise SimulationError(f"LiteRT cannot run the model: {litert_reason(error)}") from None
 
 
 def _tensor(interp: Any, index: int) -> np.ndarray | None:

@@ -437,8 +437,8 @@ def _check_arity(
 
 
 def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) -> None:
-    """The output's spatial size is the one LiteRT computes from the input, the window, the
-    strides, dilations and padding (it resizes the output to it when it prepares the op). A
+    """The output's batch and spatial size are the ones LiteRT computes from the input, the window,
+    the strides, dilations and padding (it resizes the output to it when it prepares the op). A
     stored shape that says otherwise contradicts the model, and rules reason on stored shapes
     (the border a SAME padding adds, what a simulation costs). Shapes with dynamic axes
     (a shape signature with -1) are left to runtime."""
@@ -462,7 +462,7 @@ def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) 
         dilations = [options.dilationHFactor, options.dilationWFactor]
         if rank == 5:
             strides, dilations = [options.strideD, *strides], [options.dilationDFactor, *dilations]
-    expected = list(out_shape)
+    expected = [in_shape[0], *out_shape[1:]]  # the batch passes through
     for axis, (size, k, stride, dilation) in enumerate(
         zip(in_shape[1:-1], window, strides, dilations), start=1
     ):

@@ -80,6 +80,12 @@ def require_readable_names(interp: Any) -> None:
         ) from None
 
 
+def litert_reason(error: BaseException) -> str:
+    """The first line of what LiteRT said, or what kind of error it raised when it said nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else f"{type(error).__name__} without a message"
+
+
 def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.ndarray]:
     """Seeded inputs for every graph input: ``normal``, ``zeros`` or ``large`` magnitudes."""
     rng = np.random.default_rng(seed)
@@ -240,8 +246,9 @@ def compare_models(
     try:
         reference = interpreter(original)
     except (RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ModelError(f"--verify: LiteRT cannot run the original model: {first_line}") from None
+        raise ModelError(
+            f"--verify: LiteRT cannot run the original model: {litert_reason(error)}"
+        ) from None
     details = reference.get_output_details()
     names = [d["name"] for d in details]
     quantized = {
