@@ -622,6 +622,30 @@ def test_an_input_litert_leaves_unallocated_is_a_simulation_error():
         quantsim._invoke(Unallocated(), [np.zeros(1, np.float32)])
 
 
+@pytest.mark.parametrize("strides", ["float weights", "too short"])
+def test_strides_that_are_no_int_vector_of_the_rank_are_not_read(strides):
+    """Fuzz: a STRIDED_SLICE whose strides input was the float weights [6, 3, 3, 3] (or an int
+    vector shorter than the rank) reached move_before_rearrangement, which indexed it. Such a
+    slice is not known to keep the channel axis: the BN stays below it, with that reason."""
+    data = chef.cook(RECIPES / "Net_TConv_Crop_BN_000")[0]
+
+    def change(m):
+        ops = m.subgraphs[0].operators
+        if strides == "float weights":
+            ops[1].inputs[3] = ops[0].inputs[1]
+        else:
+            _tensor(m, "strides").shape = [2]
+            buffer = m.buffers[_tensor(m, "strides").buffer]
+            buffer.data = buffer.data[:8]
+
+    _, report = tfl_fuse.optimize(corrupt(data, change))
+    assert report["ops_after"]["MUL"] == 1
+    assert any(
+        "STRIDED_SLICE does not keep the channel axis whole" in d["reason"]
+        for d in report["declined"]
+    )
+
+
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):
     """A graph output named with bytes that are not UTF-8 (fuzz): LiteRT runs the model, but its
     Python interpreter raises a bare UnicodeDecodeError on every question about that tensor.

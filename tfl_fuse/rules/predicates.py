@@ -393,8 +393,8 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
     options = op.get("builtinOptions")
     dynamic = dynamic_axes(graph, source) | dynamic_axes(graph, out)
     if kind == "TRANSPOSE":
-        perm = _constant_ints(graph, op, 1)
-        if perm is None or len(perm) != len(out_shape):
+        perm = _constant_ints(graph, op, 1, (len(out_shape),))
+        if perm is None:
             return None
         return int(perm[axis]) % len(in_shape)
     if kind in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
@@ -417,7 +417,7 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
         last = axis == len(out_shape) - 1 == 3
         return axis if last and fused_activation(op) == "NONE" else None
     if kind == "STRIDED_SLICE":
-        strides = _constant_ints(graph, op, 3)
+        strides = _constant_ints(graph, op, 3, (len(in_shape),))
         masks = (
             (options.get("ellipsisMask", 0), options.get("newAxisMask", 0))
             if options is not None
@@ -437,8 +437,8 @@ def channel_axis_through(graph: Graph, op: Table, axis: int) -> int | None:
             return None
         return axis
     if kind in ("PAD", "MIRROR_PAD"):
-        paddings = _constant_ints(graph, op, 1)
-        if paddings is None or paddings.shape != (len(in_shape), 2) or np.any(paddings[axis]):
+        paddings = _constant_ints(graph, op, 1, (len(in_shape), 2))
+        if paddings is None or np.any(paddings[axis]):
             return None
         return axis
     return None
@@ -473,13 +473,20 @@ def channel_axis_after(graph: Graph, op: Table, axis: int) -> int | None:
     return None
 
 
-def _constant_ints(graph: Graph, op: Table, position: int) -> np.ndarray | None:
+def _constant_ints(
+    graph: Graph, op: Table, position: int, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """Input ``position`` of ``op`` as int64, where it is an INT32 or INT64 constant of ``shape``
+    (what LiteRT's kernels take for a permutation, strides or paddings); else None."""
     if position >= len(op.inputs) or not graph.is_constant(op.inputs[position]):
         return None
+    if graph.dtype(op.inputs[position]) not in ("INT32", "INT64"):
+        return None
     try:
-        return graph.constant(op.inputs[position]).astype(np.int64)
+        value = graph.constant(op.inputs[position])
     except ModelError:  # an unreadable constant is simply not a known layout
         return None
+    return value.astype(np.int64) if value.shape == shape else None
 
 
 def spatial_padding_is_zero(graph: Graph, op: Table) -> bool:
