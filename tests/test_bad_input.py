@@ -646,6 +646,33 @@ def test_strides_that_are_no_int_vector_of_the_rank_are_not_read(strides):
     )
 
 
+def test_a_sparse_permutation_is_not_read_as_dense_values():
+    """Fuzz: a TRANSPOSE permutation with a sparsity table and a 1-byte buffer reached
+    np.frombuffer in validation (ValueError). Sparse bytes are not dense values: validation
+    leaves them to LiteRT, and no rule reads them."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = chef.cook(RECIPES / "Net_NCHW_BN_Transpose_Conv_000")[0]
+
+    def change(m):
+        op = next(
+            o
+            for o in m.subgraphs[0].operators
+            if m.operatorCodes[o.opcodeIndex].builtinCode == schema.BuiltinOperator.TRANSPOSE
+        )
+        perm = m.subgraphs[0].tensors[op.inputs[1]]
+        perm.sparsity = schema.SparsityParametersT()
+        m.buffers[perm.buffer].data = np.zeros(1, np.uint8)
+
+    _, report = tfl_fuse.optimize(corrupt(data, change))
+    # the BN's [1, C, 1, 1] constants cannot cross a permutation no rule reads: a MUL stays
+    # (with a readable one, only the ADD is left: test_recipes)
+    assert report["ops_after"] == {"ADD": 1, "CONV_2D": 1, "MUL": 1, "TRANSPOSE": 1}
+    assert any(
+        "no op between it and a layer carries that axis" in d["reason"] for d in report["declined"]
+    )
+
+
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):
     """A graph output named with bytes that are not UTF-8 (fuzz): LiteRT runs the model, but its
     Python interpreter raises a bare UnicodeDecodeError on every question about that tensor.
