@@ -673,6 +673,28 @@ def test_a_sparse_permutation_is_not_read_as_dense_values():
     )
 
 
+@pytest.mark.parametrize("name", ["b", "x"])
+def test_a_tensor_quantized_per_spatial_axis_is_not_subsampled(name):
+    """Fuzz: move_stride_up subsampled a float tensor carrying 8 scales along axis 1, and wrote
+    a model its own decoder refuses (4 rows for 8 scales). It declines that now, and says why."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = chef.cook(RECIPES / "Net_Stride_Residual_000")[0]
+
+    def change(m):
+        q = schema.QuantizationParametersT()
+        q.scale, q.zeroPoint, q.quantizedDimension = [0.5] * 8, [0] * 8, 1
+        _tensor(m, name).quantization = q
+
+    output, report = tfl_fuse.optimize(corrupt(data, change))
+    fb.decode(output)  # a valid model
+    assert "MAX_POOL_2D" not in report["ops_after"]
+    assert any(
+        "quantization parameters per axis 1, which subsampling it would contradict" in d["reason"]
+        for d in report["declined"]
+    )
+
+
 def test_a_name_litert_python_cannot_read_is_said_in_words(capsys, tmp_path, good_model):
     """A graph output named with bytes that are not UTF-8 (fuzz): LiteRT runs the model, but its
     Python interpreter raises a bare UnicodeDecodeError on every question about that tensor.

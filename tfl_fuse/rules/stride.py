@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import quant
 from ..graph import Graph
 from ..model import Table
 from .base import Context, Decline, Rule
@@ -83,8 +84,20 @@ def plain_1x1(graph: Graph, op: Table) -> bool:
     ) == (1, 1, 1, 1)
 
 
+def require_subsampling_keeps_quantization(graph: Graph, tensor: int) -> None:
+    """Decline where ``tensor`` has one scale per entry of an axis: subsampled, the scales and
+    the shape would disagree (the model would no longer be valid)."""
+    q = quant.quantization_of(graph, tensor)
+    if q is not None and q.per_axis:
+        raise Decline(
+            f"{graph.name(tensor)!r} has quantization parameters per axis {q.axis}, which "
+            "subsampling it would contradict"
+        )
+
+
 def take_stride(graph: Graph, tensor: int, plan: StridePlan, depth: int) -> bool:
     """Plan for the producer of ``tensor`` to compute it subsampled; False if it cannot."""
+    require_subsampling_keeps_quantization(graph, tensor)
     producer = graph.producer_of(tensor)
     if producer is None:
         return False
@@ -115,6 +128,7 @@ def plan_subsample(
     plan.visited.add(tensor)
     if len(graph.shape(tensor)) != 4 or graph.dtype(tensor) != "FLOAT32":
         raise Decline(f"{graph.name(tensor)!r} is not a float32 NHWC tensor")
+    require_subsampling_keeps_quantization(graph, tensor)
     alone = graph.consumers_of(tensor) == [user] and not graph.is_graph_output(tensor)
     if not (alone and take_stride(graph, tensor, plan, depth)):
         plan.pools.append((tensor, user))
