@@ -110,7 +110,16 @@ SPATIAL_KERNELS = {
     "MAX_POOL_2D": (4, None, ()),
     "AVERAGE_POOL_2D": (4, None, ()),
 }
-PADDING_SAME = 0  # the schema's Padding enum: SAME, VALID
+PADDING_SAME, PADDING_VALID = 0, 1  # the schema's Padding enum
+
+
+def output_size(padding: int, size: int, window: int, stride: int, dilation: int = 1) -> int:
+    """The output extent LiteRT gives a conv or pool along one axis (its ComputeOutSize)."""
+    if padding == PADDING_SAME:
+        return (size + stride - 1) // stride
+    reach = size + stride - ((window - 1) * dilation + 1)  # VALID; C's division truncates
+    return reach // stride if reach >= 0 else -(-reach // stride)
+
 
 # Layers: (weights input, bias input, output-channel axis of the weights, weights rank).
 LAYER_CHANNELS = {
@@ -466,11 +475,7 @@ def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) 
     for axis, (size, k, stride, dilation) in enumerate(
         zip(in_shape[1:-1], window, strides, dilations), start=1
     ):
-        if options.padding == PADDING_SAME:
-            expected[axis] = (size + stride - 1) // stride
-        else:  # VALID; C's division truncates towards zero
-            reach = size + stride - ((k - 1) * dilation + 1)
-            expected[axis] = reach // stride if reach >= 0 else -(-reach // stride)
+        expected[axis] = output_size(options.padding, size, k, stride, dilation)
     if expected != out_shape:
         raise ModelError(
             f"{where}: output shape {out_shape} is not the {expected} LiteRT computes "

@@ -217,8 +217,10 @@ def activation_statistics(graph: Graph) -> dict[int, Stats]:
     """Per-channel (mean, variance) of every float tensor a graph computes or takes as input."""
     stats: dict[int, Stats] = {}
     for t in graph.subgraph.inputs:
-        if t >= 0 and not graph.is_constant(t) and _channels(graph, t) <= MAX_CHANNELS:
-            c = _channels(graph, t)
+        if t < 0 or graph.is_constant(t):
+            continue
+        c = _channels(graph, t)
+        if c <= MAX_CHANNELS:
             stats[t] = np.full(c, INPUT_MEAN), np.full(c, INPUT_VARIANCE)
     for op in graph.ops:
         if len(op.outputs) != 1 or op.outputs[0] < 0:

@@ -20,11 +20,11 @@ from ..model import (
     Table,
     release_mapped_pages,
 )
+from ..validate import PADDING_SAME, PADDING_VALID, output_size
 from .base import Decline
 
 ACTIVATIONS = {"NONE": 0, "RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3, "TANH": 4, "SIGN_BIT": 5}
 ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
-PADDING_SAME, PADDING_VALID = 0, 1
 QUANTIZED_TYPES = {"INT8", "UINT8", "INT16", "INT4", "UINT4"}
 
 
@@ -509,7 +509,7 @@ def spatial_padding_is_zero(graph: Graph, op: Table) -> bool:
         dilations = [options.dilationHFactor, options.dilationWFactor]
     for size, k, s, d in zip(spatial, kernel, strides, dilations):
         effective = (k - 1) * d + 1
-        out = (size + s - 1) // s
+        out = output_size(PADDING_SAME, size, k, s, d)
         if max((out - 1) * s + effective - size, 0) != 0:
             return False
     return True
