@@ -43,7 +43,7 @@ import numpy as np
 from . import fb
 from .graph import Graph
 from .model import Model, Table
-from .verify import litert_reason, require_readable_names
+from .verify import litert_reason, private_copy, require_readable_names
 
 # weight input and output-channel axis of each layer kind (as the quantizers quantize them)
 WEIGHT_AXIS = {
@@ -197,7 +197,7 @@ def _interpreter(data: bytes, preserve: bool = False) -> Any:
 
     try:
         interp = Interpreter(
-            model_content=data,
+            model_content=private_copy(data),
             num_threads=1,
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
             experimental_preserve_all_tensors=preserve,

@@ -1,0 +1,115 @@
+"""verify.compare_arrays and compare_models on what LiteRT can return or raise (fuzz --verify)."""
+
+from __future__ import annotations
+
+import warnings
+
+import chef
+import numpy as np
+import pytest
+from conftest import RECIPES
+
+import tfl_fuse
+from tfl_fuse import verify
+from tfl_fuse.model import ModelError
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "expected, actual, match",
+    [
+        ([1.0, NAN, 3.0], [1.0, NAN, 3.0], True),  # NaN where the other has NaN
+        ([1.0, NAN, 3.0], [1.0, 2.0, 3.0], False),
+        ([1.0, 2.0, 3.0], [1.0, NAN, 3.0], False),
+        ([1.0, INF, -INF], [1.0, INF, -INF], True),
+        ([1.0, INF, 3.0], [1.0, -INF, 3.0], False),
+        ([1.0, INF, 3.0], [1.0, 3e38, 3.0], False),
+        ([1.0, NAN, 3.0], [1.0, INF, 3.0], False),
+        # atol scales with the largest finite value (1e-5 * 1e6 = 10), not with NaN or infinity
+        ([1e6, NAN, INF, 0.0], [1e6, NAN, INF, 9.0], True),
+        ([1e6, NAN, INF, 0.0], [1e6, NAN, INF, 11.0], False),
+        ([NAN, NAN], [NAN, NAN], True),
+    ],
+)
+def test_compare_arrays_with_nan_and_infinity(expected, actual, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy said "atol: nan is not valid" before
+        ok, diff = verify.compare_arrays(
+            np.array(expected, np.float32), np.array(actual, np.float32)
+        )
+    assert ok is match
+    if match:
+        assert np.isfinite(diff)
+
+
+def test_compare_arrays_finite_difference_and_complex_values():
+    ok, diff = verify.compare_arrays(np.array([1.0, 2.0]), np.array([1.0, 2.5]))
+    assert not ok and diff == pytest.approx(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning: the imaginary part counts
+        assert verify.compare_arrays(np.array([1 + 1j]), np.array([1 + 1j]))[0]
+        assert not verify.compare_arrays(np.array([1 + 1j]), np.array([1 + 2j]))[0]
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[bytes, bytes]:
+    data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")
+    out, report = tfl_fuse.optimize(data)
+    assert report["rewrites"]
+    return data, out
+
+
+def _failing_for(monkeypatch, target: bytes, error: Exception) -> None:
+    run = verify.run
+
+    def failing(data, inputs):
+        if bytes(data) == target:
+            raise error
+        return run(data, inputs)
+
+    monkeypatch.setattr(verify, "run", failing)
+
+
+def test_litert_failing_on_the_original_is_bad_input(monkeypatch, pair):
+    # fuzz: "Input tensor 2 lacks data" at invoke, "Tensor data is null" reading an output, an
+    # allocation that succeeded once and failed the next time: a RuntimeError or ValueError
+    # from LiteRT, which reached the CLI as "internal error"
+    original, optimized = pair
+    _failing_for(monkeypatch, original, ValueError("Tensor data is null. Run allocate_tensors()"))
+    with pytest.raises(ModelError, match="^--verify: LiteRT cannot run the original model: Tensor"):
+        verify.compare_models(original, optimized)
+
+
+def test_litert_failing_on_the_optimized_model_only_is_a_mismatch(monkeypatch, pair):
+    original, optimized = pair
+    _failing_for(
+        monkeypatch, optimized, RuntimeError("Node number 0 (MUL) failed to invoke.\nmore")
+    )
+    result = verify.compare_models(original, optimized)
+    assert result["match"] is False
+    assert result["summary"] == (
+        "LiteRT cannot run the optimized model, which runs the original: "
+        "Node number 0 (MUL) failed to invoke."
+    )
+
+
+def test_litert_runs_leave_the_callers_bytes_and_each_other_alone():
+    """LiteRT writes what the caller sets into a graph input that has data, in the model bytes
+    it was given (fuzz --verify): verify's runs then changed the caller's bytes object and each
+    other's constants, and reported a mismatch with no rewrite to blame."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    model.subgraphs[0].inputs = [0, 1]  # the kernel too: a graph input that has data
+    data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    before = bytes(bytearray(data))
+    out, report = tfl_fuse.optimize(data, verify=True)
+    assert data == before
+    assert report["verify"]["match"]
+    interp = verify.interpreter(data)
+    inputs = verify.random_inputs(interp, 0)
+    first = verify.run(data, inputs)
+    verify.run(data, verify.random_inputs(interp, 1))
+    assert all(np.array_equal(a, b) for a, b in zip(first, verify.run(data, inputs)))
