@@ -495,6 +495,150 @@ def test_fuzz_reproducer_classes(capsys, tmp_path, good_model, change, expect):
     assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)
 
 
+# Reproducer classes of tools/fuzz.py --verify-share (LiteRT runs input and output): models LiteRT
+# runs on memory no one wrote, or crashes on, so that the optimized model computed something else.
+def _ops_out_of_order(m):
+    ops = m.subgraphs[0].operators
+    ops[1], ops[2] = ops[2], ops[1]  # the ADD now runs before the MUL that computes its input
+
+
+def _bias_without_data(m):
+    _tensor(m, "bias").buffer = 0  # the empty buffer: no data, no producer, not a graph input
+
+
+def _variable_written(m):
+    _tensor(m, "mul").isVariable = True  # MUL's output (LiteRT crashes on this one)
+
+
+def _float_op_writes_integers(m):
+    from ai_edge_litert import schema_py_generated as schema
+
+    _tensor(m, "mul").type = schema.TensorType.INT64  # MUL of two float32 operands
+
+
+def _binary_operand_types(m):
+    from ai_edge_litert import schema_py_generated as schema
+
+    _tensor(m, "shift").type = schema.TensorType.INT32  # ADD of FLOAT32 and INT32
+
+
+def _graph_output_without_value(m):
+    m.subgraphs[0].operators = m.subgraphs[0].operators[:2]  # nothing computes 'ofm' now
+
+
+def _input_shares_buffer(m):
+    scale = m.subgraphs[0].tensors.index(_tensor(m, "scale"))
+    m.subgraphs[0].inputs = [0, scale]  # a graph input with data, whose buffer 'shift' reads
+    _tensor(m, "shift").buffer = _tensor(m, "scale").buffer
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (_binary_operand_types, "operator 2 (ADD): operands of types FLOAT32 and INT32"),
+        (
+            _graph_output_without_value,
+            "graph output 7 ('ofm') has no value: no operator computes it, no caller sets it",
+        ),
+        (
+            _input_shares_buffer,
+            "graph input 4 shares buffer 3 with tensor 6 ('shift') of subgraph 0: what the "
+            "caller sets would change that tensor too",
+        ),
+        (
+            _ops_out_of_order,
+            "operator 1 (ADD) reads tensor 5 ('mul') before operator 2 computes it: LiteRT runs "
+            "operators in the order listed",
+        ),
+        (
+            _bias_without_data,
+            "operator 0 (CONV_2D) reads tensor 2 ('bias'), which has no data and which no "
+            "operator computes and no caller sets",
+        ),
+        (_variable_written, "operator 1 (MUL) writes tensor 5, a variable tensor"),
+        (_float_op_writes_integers, "operator 1 (MUL) reads FLOAT32 data and writes INT64"),
+    ],
+    ids=[
+        "operand-types",
+        "output-without-value",
+        "input-shares-buffer",
+        "out-of-order",
+        "no-data",
+        "variable-written",
+        "float-to-integer",
+    ],
+)
+def test_verify_fuzz_reproducer_classes(capsys, tmp_path, good_model, change, expect):
+    assert_refused(capsys, tmp_path, corrupt(good_model, change), expect)
+
+
+def test_fully_connected_output_shape_must_be_the_one_litert_computes(capsys, tmp_path):
+    # keep_num_dims: LiteRT gives the output the input's rank ([2, 5]); a stored [1, 2, 5] let
+    # the MUL by a [1, 1, 5] constant fold, and the graph output lost an axis (fuzz --verify)
+    data, _ = chef.cook(RECIPES / "Net_FullyConnected_Mul_003")
+
+    def change(m):
+        m.subgraphs[0].operators[0].builtinOptions.keepNumDims = True
+        _tensor(m, "fc").shape = [1, 2, 5]
+
+    assert_refused(
+        capsys,
+        tmp_path,
+        corrupt(data, change),
+        "operator 0 (FULLY_CONNECTED): output shape [1, 2, 5] is not the [2, 5] LiteRT computes "
+        "from input [2, 6] and weights [5, 6]",
+    )
+
+    def flattened(m):  # without keep_num_dims the input is flattened to [input size / 6, 6]
+        _tensor(m, "ifm").shape = [1, 2, 6]
+
+    tfl_fuse.optimize(corrupt(data, flattened))  # [2, 5] is what LiteRT computes: accepted
+
+
+def test_quantized_add_needs_its_scales(capsys, tmp_path):
+    # LiteRT divides by the scales to requantize; it aborted (SIGABRT) on an INT16 ADD whose
+    # output had empty scale arrays (fuzz --verify)
+    data, _ = chef.cook(RECIPES / "Net_Quant_FC_Mul_Add_000")
+
+    def change(m):
+        _tensor(m, "ofm").quantization.scale = []
+        _tensor(m, "ofm").quantization.zeroPoint = []
+
+    assert_refused(
+        capsys,
+        tmp_path,
+        corrupt(data, change),
+        "operator 2 (ADD): INT8 tensor 7 ('ofm') has no quantization scale",
+    )
+
+
+def test_a_nan_constant_is_not_moved(capsys):
+    # 0 * NaN is NaN: a MUL by NaN moved above a zero PAD made the border 0 (fuzz --verify)
+    data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")
+
+    def change(m):
+        scale = _tensor(m, "scale")
+        values = np.frombuffer(bytes(m.buffers[scale.buffer].data), "<f4").copy()
+        values[0] = np.nan
+        m.buffers[scale.buffer].data = np.frombuffer(values.tobytes(), np.uint8)
+
+    out, report = tfl_fuse.optimize(corrupt(data, change), verify=True)
+    assert report["rewrites"] == [] or all(
+        "mul" not in entry["ops"] for entry in report["rewrites"]
+    )
+    assert any("holds NaN or infinity" in entry["reason"] for entry in report["declined"])
+
+
+def test_variable_tensor_read_before_it_is_written_is_no_ordering_error(good_model):
+    """A variable tensor carries state between runs: reading it first is what it is for."""
+
+    def change(m):
+        _tensor(m, "bias").buffer = 0
+        _tensor(m, "bias").isVariable = True
+
+    tfl_fuse.optimize(corrupt(good_model, change))
+
+
 # Every operator type a rule reads has its LiteRT operand counts checked (fuzz: a STRIDED_SLICE
 # with no inputs, producing a per-channel MUL's input, reached move_before_rearrangement).
 @pytest.mark.parametrize(

@@ -70,6 +70,12 @@ _BINARY = ("ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE
 _UNARY = ("RSQRT", "SQRT", "NEG", "ABS", "SQUARE", "EXP", "LOG", "RELU", "RELU6", "RELU_N1_TO_1")
 _UNARY += ("TANH", "LOGISTIC", "HARD_SWISH")
 _SHAPING = ("SQUEEZE", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+# Where the data operand is not input 0; the operators whose output is meant to be of another
+# kind (float vs integer) than their data.
+DATA_INPUT = {"TRANSPOSE_CONV": 2}
+CONVERTING_OPS = {"QUANTIZE", "DEQUANTIZE"}
+FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
+QUANTIZED_ACTIVATIONS = {"INT8", "UINT8", "INT16"}  # LiteRT's ADD/SUB/MUL requantize these
 # Operand counts of LiteRT's kernels for the operators rules read: (min inputs, max inputs,
 # min outputs, max outputs, input positions that may be absent (-1), the optional biases).
 ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
@@ -253,6 +259,9 @@ def validate(model: Model) -> None:
             for o in op.outputs:
                 if o in graph_inputs:  # the caller sets it: LiteRT allocates it as no op's output
                     raise ModelError(f"{op_where} writes tensor {o}, a graph input")
+                if 0 <= o < n_tensors and subgraph.tensors[o].get("isVariable"):
+                    # state that stateful ops update through an input (LiteRT crashes on this)
+                    raise ModelError(f"{op_where} writes tensor {o}, a variable tensor")
             for i in op.inputs:
                 if not -1 <= i < n_tensors:
                     _check_index(i, n_tensors, f"{op_where} input tensor index", allow_absent=True)
@@ -269,10 +278,15 @@ def validate(model: Model) -> None:
                 for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         _check_acyclic(subgraph, where)
+        _check_order(model, subgraph, s)
         for k, op in enumerate(subgraph.operators):  # shapes, once the graph is one
             if op.opcode.name in SPATIAL_KERNELS:
                 op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
                 _check_spatial_output(op, subgraph.tensors, op_where)
+            elif op.opcode.name == "FULLY_CONNECTED":
+                op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
+                _check_fully_connected_output(op, subgraph.tensors, op_where)
+    _check_input_buffers(model)
     for signature in model.signature_defs:
         index = signature.get("subgraphIndex", 0)
         _check_index(
@@ -319,6 +333,79 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
     if done != len(subgraph.operators):
         stuck = [k for k, n in enumerate(waiting) if n > 0][:3]
         raise ModelError(f"{where}: the graph has a cycle through operators {stuck}")
+
+
+# Types LiteRT lets an operator read without data (their values live elsewhere).
+VALUELESS_TYPES = {"RESOURCE", "VARIANT", "STRING"}
+
+
+def _check_input_buffers(model: Model) -> None:
+    """No graph input shares its data with another tensor: LiteRT writes what the caller sets
+    into the input's buffer, which the other tensor then reads (a constant that is not one)."""
+    owners: dict[int, str] = {}
+    for s, subgraph in enumerate(model.subgraphs):
+        for i in subgraph.inputs:
+            buffer = subgraph.tensors[i].buffer
+            data = model.buffers[buffer].data
+            if data is not None and len(data):
+                owners.setdefault(buffer, f"subgraph {s}: graph input {i}")
+    if not owners:
+        return
+    for s, subgraph in enumerate(model.subgraphs):
+        inputs = set(subgraph.inputs)
+        for t, tensor in enumerate(subgraph.tensors):
+            owner = owners.get(tensor.buffer)
+            if owner is not None and (t not in inputs or not owner.startswith(f"subgraph {s}:")):
+                raise ModelError(
+                    f"{owner} shares buffer {tensor.buffer} with tensor {t} ({tensor.name!r}) of "
+                    f"subgraph {s}: what the caller sets would change that tensor too"
+                )
+
+
+def _check_order(model: Model, subgraph: Table, s: int) -> None:
+    """Every tensor an operator reads has a value by then, as LiteRT runs the operators in the
+    order listed: an earlier operator computed it, or it is a graph input, a constant or a
+    variable. Otherwise LiteRT reads memory no one wrote (a later operator's result, in an
+    acyclic graph listed out of order) or refuses to run ("Input tensor lacks data"), and a
+    rewrite that reorders or removes operators would change what the model computes."""
+    tensors = subgraph.tensors
+    producer = {o: k for k, op in enumerate(subgraph.operators) for o in op.outputs if o >= 0}
+    has_value = set(subgraph.inputs)
+    for k, op in enumerate(subgraph.operators):
+        for position, i in enumerate(op.inputs):
+            if i < 0 or i in has_value:
+                continue
+            tensor = tensors[i]
+            if tensor.get("isVariable") or tensor.type in VALUELESS_TYPES:
+                continue
+            where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
+            later = producer.get(i)
+            if later is not None:
+                raise ModelError(
+                    f"{where} reads tensor {i} ({tensor.name!r}) before operator {later} computes "
+                    "it: LiteRT runs operators in the order listed"
+                )
+            data = model.buffers[tensor.buffer].data
+            if data is not None and len(data):
+                continue
+            shape = tensor.shape or []
+            if any(d == 0 for d in shape) or (
+                op.opcode.name == "RESHAPE" and position == 1 and len(shape) != 1
+            ):
+                continue  # no bytes to read, or a shape LiteRT's RESHAPE reads from dimensions
+            raise ModelError(
+                f"{where} reads tensor {i} ({tensor.name!r}), which has no data and which no "
+                "operator computes and no caller sets"
+            )
+        has_value.update(o for o in op.outputs if o >= 0)
+    for o in subgraph.outputs:
+        tensor = tensors[o]
+        data = model.buffers[tensor.buffer].data
+        if o not in has_value and not tensor.get("isVariable") and (data is None or not len(data)):
+            raise ModelError(
+                f"subgraph {s}: graph output {o} ({tensor.name!r}) has no value: no operator "
+                "computes it, no caller sets it and it has no data"
+            )
 
 
 def _check_options(
@@ -415,6 +502,12 @@ def _check_arity(
             raise ModelError(f"{where} input {position} is absent (-1), which it needs")
     if any(tensor < 0 for tensor in op.outputs):
         raise ModelError(f"{where} has an absent (-1) output")
+    if op.opcode.name not in CONVERTING_OPS:
+        data = tensors[op.inputs[DATA_INPUT.get(op.opcode.name, 0)]].type
+        out = tensors[op.outputs[0]].type
+        if (data in FLOAT_TYPES) != (out in FLOAT_TYPES):
+            # LiteRT's kernels pick their arithmetic by one of the two: the other is misread
+            raise ModelError(f"{where} reads {data} data and writes {out}")
     if op.opcode.name in LAYER_CHANNELS:
         _check_layer_channels(op, tensors, where)
     if op.opcode.name == "CONCATENATION":
@@ -430,6 +523,20 @@ def _check_arity(
         out_shape = list(tensors[op.outputs[0]].get("shape") or ())
         if in_shape and out_shape and math.prod(in_shape) != math.prod(out_shape):
             raise ModelError(f"{where}: {in_shape} cannot take the shape {out_shape}")
+    if op.opcode.name in _BINARY:
+        types = [tensors[t].type for t in op.inputs]
+        if types[0] != types[1]:  # LiteRT's kernels take operands of one type
+            raise ModelError(f"{where}: operands of types {types[0]} and {types[1]}")
+        if types[0] in QUANTIZED_ACTIVATIONS and op.opcode.name in ("ADD", "SUB", "MUL"):
+            for t in (*op.inputs, op.outputs[0]):
+                quantization = tensors[t].get("quantization")
+                scales = None if quantization is None else quantization.get("scale")
+                if scales is None or not len(scales) or not scales[0] > 0:
+                    # LiteRT divides by the scales to requantize (it aborts on a zero)
+                    raise ModelError(
+                        f"{where}: {types[0]} tensor {t} ({tensors[t].name!r}) has no "
+                        "quantization scale"
+                    )
     if op.opcode.name in _BINARY or op.opcode.name in _UNARY:
         shapes = [tuple(tensors[t].get("shape") or ()) for t in op.inputs]
         try:
@@ -443,6 +550,29 @@ def _check_arity(
             raise ModelError(
                 f"{where}: output shape {list(out_shape)} is not the operands' {list(shape)}"
             )
+
+
+def _check_fully_connected_output(op: Table, tensors: list[Table], where: str | _Place) -> None:
+    """The output shape is the one LiteRT gives it when it prepares the op: the input's shape
+    with the last axis made the weights' rows (keep_num_dims), else [input size / the weights'
+    columns, rows]. Rules reason on the stored shape (which axis a MUL's constant runs along)."""
+    data, weights, out = (tensors[t] for t in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    in_shape, out_shape = list(data.get("shape") or ()), list(out.get("shape") or ())
+    weight_shape = list(weights.get("shape") or ())
+    if not in_shape or not out_shape or len(weight_shape) != 2 or weight_shape[1] <= 0:
+        return
+    if any(-1 in list(t.get("shapeSignature") or ()) for t in (data, out)):
+        return
+    options = op.get("builtinOptions")
+    if options is not None and options.get("keepNumDims"):
+        expected = [*in_shape[:-1], weight_shape[0]]
+    else:
+        expected = [math.prod(in_shape) // weight_shape[1], weight_shape[0]]
+    if out_shape != expected:
+        raise ModelError(
+            f"{where}: output shape {out_shape} is not the {expected} LiteRT computes from "
+            f"input {in_shape} and weights {weight_shape}"
+        )
 
 
 def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) -> None:

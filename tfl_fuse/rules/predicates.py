@@ -286,6 +286,10 @@ def affine_of(graph: Graph, op: Table, any_axis: bool = False) -> Affine:
         value, axis = per_axis_vector(graph, const, out_shape)
     else:
         value, axis = per_channel_vector(graph, const, out_shape[-1], len(out_shape)), -1
+    if not np.isfinite(value).all():
+        # 0 * NaN is NaN: moved, merged or folded elsewhere, it would meet other values (a
+        # zero PAD's border, a bias) than where the model applies it
+        raise Decline(f"constant {graph.name(const)!r} of {kind} holds NaN or infinity")
     ones, zeros = np.ones(len(value)), np.zeros(len(value))
     if kind == "MUL":
         return Affine(op, data, value, zeros, axis)
