@@ -532,9 +532,19 @@ def _input_shares_buffer(m):
     _tensor(m, "shift").buffer = _tensor(m, "scale").buffer
 
 
+def _output_holds_data(m):
+    from ai_edge_litert import schema_py_generated as schema
+
+    buffer = schema.BufferT()
+    buffer.data = np.zeros(8 * 8 * 8 * 4, np.uint8)
+    m.buffers.append(buffer)
+    _tensor(m, "ofm").buffer = len(m.buffers) - 1  # the ADD would write into constant data
+
+
 @pytest.mark.parametrize(
     "change, expect",
     [
+        (_output_holds_data, "operator 2 (ADD) writes tensor 7, which holds constant data"),
         (_binary_operand_types, "operator 2 (ADD): operands of types FLOAT32 and INT32"),
         (
             _graph_output_without_value,
@@ -559,6 +569,7 @@ def _input_shares_buffer(m):
         (_float_op_writes_integers, "operator 1 (MUL) reads FLOAT32 data and writes INT64"),
     ],
     ids=[
+        "output-holds-data",
         "operand-types",
         "output-without-value",
         "input-shares-buffer",

@@ -113,3 +113,12 @@ def test_litert_runs_leave_the_callers_bytes_and_each_other_alone():
     first = verify.run(data, inputs)
     verify.run(data, verify.random_inputs(interp, 1))
     assert all(np.array_equal(a, b) for a, b in zip(first, verify.run(data, inputs)))
+
+
+def test_no_seeded_values_for_a_string_input_is_a_clear_error():
+    class Strings:  # what LiteRT's interpreter says of a STRING graph input
+        def get_input_details(self):
+            return [{"shape": np.array([2]), "dtype": np.object_, "name": "text"}]
+
+    with pytest.raises(ModelError, match="no seeded values of type object for graph input 'text'"):
+        verify.random_inputs(Strings())

@@ -262,6 +262,12 @@ def validate(model: Model) -> None:
                 if 0 <= o < n_tensors and subgraph.tensors[o].get("isVariable"):
                     # state that stateful ops update through an input (LiteRT crashes on this)
                     raise ModelError(f"{op_where} writes tensor {o}, a variable tensor")
+                if 0 <= o < n_tensors and 0 <= subgraph.tensors[o].buffer < n_buffers:
+                    data = model.buffers[subgraph.tensors[o].buffer].data
+                    if data is not None and len(data):
+                        # LiteRT maps such a tensor read-only from the model, with whatever
+                        # shares its buffer: the op would write into constants
+                        raise ModelError(f"{op_where} writes tensor {o}, which holds constant data")
             for i in op.inputs:
                 if not -1 <= i < n_tensors:
                     _check_index(i, n_tensors, f"{op_where} input tensor index", allow_absent=True)

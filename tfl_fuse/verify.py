@@ -111,6 +111,10 @@ def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.n
                 value = rng.normal(0.0, 1.0, shape)
         elif dtype.kind == "b":
             value = rng.integers(0, 2, shape) if kind != "zeros" else np.zeros(shape)
+        elif dtype.kind not in "iu":
+            raise ModelError(
+                f"--verify: no seeded values of type {dtype} for graph input {detail['name']!r}"
+            )
         else:
             info = np.iinfo(dtype)
             low, high = (
