@@ -8,14 +8,19 @@ byte mutations (flips, interesting 32-bit values, truncation, chunk removal or d
 or by structural edits through LiteRT's object API (indices, shapes, tensor types, option
 fields and tables, quantization, buffer offsets and data, operator lists, operator codes,
 graph inputs and outputs). Each input is optimized in-process with random rules, target and
-output format.
+output format. A share of them (``--verify-share``, default 0.1) is optimized with ``verify``:
+LiteRT runs the input and the output on the same seeded inputs, so a rewrite that changes what
+a model LiteRT accepts computes is a failure too (a differential check). Those run in a forked
+child, since LiteRT may crash on a malformed model; a crash is a failure of its own signature.
 
 An outcome is fine when ``optimize`` returns or raises ``ModelError`` with one line that is
 not the engine's catch-all ("met an inconsistent model": validation should have refused the
 model before any rule ran), and no warning reaches the caller (the CLI would print it on
 stderr beside its one line). Anything else is a failure, grouped by signature (exception type
 and the innermost tfl_fuse frame, or the catch-all's inner error); the first input of each
-signature is written to ``OUT/<signature>.tflite`` and the run exits 1.
+signature is written to ``OUT/<signature>.tflite`` and the run exits 1. Under ``verify``,
+a ``VerificationError`` is a failure named after the rewrite it blames; LiteRT refusing the
+input (a ``ModelError``) is fine.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import copy
 import hashlib
 import json
 import multiprocessing
+import os
+import pickle
 import random
 import resource
 import signal
@@ -297,11 +304,20 @@ def non_finite_constants(data: bytes) -> int:
     return count
 
 
-def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
+def check(data: bytes, rng: random.Random, verify_share: float = 0.0) -> tuple[str | None, str]:
     """Optimize one input: (failure signature or None, message)."""
     options: dict[str, Any] = {"target": rng.choice(["float", "float", "int8"])}
     if rng.random() < 0.1:
         options["output_format"] = rng.choice(["tflite", "circle"])
+    if rng.random() < verify_share:
+        try:
+            return in_child(_check, data, {**options, "verify": True})
+        except Timeout:
+            return "Timeout", f"over {TIMEOUT_SECONDS} s (with verify)"
+    return _check(data, options)
+
+
+def _check(data: bytes, options: dict[str, Any]) -> tuple[str | None, str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -311,6 +327,11 @@ def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
             return f"{caught[0].category.__name__} at {where}", str(caught[0].message)[:300]
     except Timeout:
         return "Timeout", f"over {TIMEOUT_SECONDS} s"
+    except tfl_fuse.VerificationError as error:
+        rules = sorted({entry["rule"] for entry in error.report.get("rewrites", ())})
+        culprit = error.result.get("culprit")
+        blamed = culprit["rule"] if culprit else "no rewrite: " + ", ".join(rules or ["none"])
+        return f"--verify: outputs differ ({blamed})", str(error)[:300]
     except BaseException as error:  # noqa: BLE001 - every outcome is classified
         if isinstance(error, KeyboardInterrupt):
             raise
@@ -326,12 +347,48 @@ def check(data: bytes, rng: random.Random) -> tuple[str | None, str]:
     return None, ""
 
 
+def in_child(function: Any, *args: Any) -> tuple[str | None, str]:
+    """``function(*args)`` in a forked child (LiteRT may crash on a malformed model): its
+    result, or a failure naming the signal that ended the child."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(read)
+            signal.alarm(0)
+            with os.fdopen(write, "wb") as pipe:
+                pickle.dump(function(*args), pipe)
+        except BaseException:  # noqa: BLE001 - the parent reports an empty answer
+            code = 1
+        os._exit(code)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return f"crash under --verify ({name})", "LiteRT or tfl_fuse ended the process"
+    if not answer:
+        return "the verifying child failed", f"exit status {os.WEXITSTATUS(status)}"
+    return pickle.loads(answer)
+
+
 def _alarm(signum: int, frame: Any) -> None:
     raise Timeout()
 
 
 def run(
-    seed: int, count: int, out: Path | None, seeds: list[bytes] | None = None
+    seed: int,
+    count: int,
+    out: Path | None,
+    seeds: list[bytes] | None = None,
+    verify_share: float = 0.0,
 ) -> dict[str, Any]:
     """Fuzz ``count`` inputs from ``seed``; return counts and {signature: first example}."""
     seeds = seeds if seeds is not None else seed_models()
@@ -345,7 +402,7 @@ def run(
             data = mutate(seeds, objects, rng)
             signal.alarm(TIMEOUT_SECONDS)
             try:
-                found, message = check(data, random.Random(f"{seed}/{i}"))
+                found, message = check(data, random.Random(f"{seed}/{i}"), verify_share)
             finally:
                 signal.alarm(0)
             if found is None:
@@ -364,10 +421,10 @@ def run(
     return {"count": count, "outcomes": outcomes, "failures": failures}
 
 
-def _worker(args: tuple[int, int, str | None]) -> dict[str, Any]:
-    seed, count, out = args
+def _worker(args: tuple[int, int, str | None, float]) -> dict[str, Any]:
+    seed, count, out, verify_share = args
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    return run(seed, count, Path(out) if out else None)
+    return run(seed, count, Path(out) if out else None, verify_share=verify_share)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,11 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "build" / "fuzz"), help="reproducer folder")
+    parser.add_argument(
+        "--verify-share",
+        type=float,
+        default=0.1,
+        help="share of inputs also checked with verify: LiteRT runs input and output (default 0.1)",
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     chunks = 4 * args.jobs
     tasks = [
-        (args.seed * 1000 + k, args.count // chunks + (k < args.count % chunks), args.out)
+        (
+            args.seed * 1000 + k,
+            args.count // chunks + (k < args.count % chunks),
+            args.out,
+            args.verify_share,
+        )
         for k in range(chunks)
     ]
     with multiprocessing.get_context("fork").Pool(args.jobs, maxtasksperchild=1) as pool:
