@@ -95,6 +95,11 @@ def litert_reason(error: BaseException) -> str:
     return text.splitlines()[0] if text else f"{type(error).__name__} without a message"
 
 
+def original_failed(error: BaseException) -> ModelError:
+    """Bad input: LiteRT cannot run the model given to --verify (LiteRT's words)."""
+    return ModelError(f"--verify: LiteRT cannot run the original model: {litert_reason(error)}")
+
+
 def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.ndarray]:
     """Seeded inputs for every graph input: ``normal``, ``zeros`` or ``large`` magnitudes."""
     rng = np.random.default_rng(seed)
@@ -239,9 +244,7 @@ def runnable_pair(
     try:
         original_names = output_names(cut_original)
     except (RuntimeError, ValueError) as error:
-        raise ModelError(
-            f"--verify: LiteRT cannot run the original model: {litert_reason(error)}"
-        ) from None
+        raise original_failed(error) from None
     try:
         optimized_names = output_names(cut_optimized)
     except (RuntimeError, ValueError):
@@ -276,9 +279,7 @@ def compare_models(
     try:
         reference = interpreter(original)
     except (RuntimeError, ValueError) as error:
-        raise ModelError(
-            f"--verify: LiteRT cannot run the original model: {litert_reason(error)}"
-        ) from None
+        raise original_failed(error) from None
     details = reference.get_output_details()
     names = [d["name"] for d in details]
     quantized = {
@@ -295,9 +296,7 @@ def compare_models(
         try:
             expected = run(original, inputs)
         except (RuntimeError, ValueError) as error:
-            raise ModelError(
-                f"--verify: LiteRT cannot run the original model: {litert_reason(error)}"
-            ) from None
+            raise original_failed(error) from None
         try:
             actual = run(optimized, inputs)
         except (RuntimeError, ValueError) as error:
