@@ -283,8 +283,8 @@ def validate(model: Model) -> None:
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
                 for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
-        _check_acyclic(subgraph, where)
-        _check_order(model, subgraph, s)
+        producer = _check_acyclic(subgraph, where)
+        _check_order(model, subgraph, s, producer)
         for k, op in enumerate(subgraph.operators):  # shapes, once the graph is one
             if op.opcode.name in SPATIAL_KERNELS:
                 op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
@@ -309,7 +309,8 @@ def validate(model: Model) -> None:
         _check_index(entry.buffer, n_buffers, f"metadata {entry.name!r} buffer index")
 
 
-def _check_acyclic(subgraph: Table, where: str) -> None:
+def _check_acyclic(subgraph: Table, where: str) -> dict[int, int]:
+    """Refuse a cycle; return tensor -> the index of the operator that computes it."""
     producer: dict[int, int] = {}
     for k, op in enumerate(subgraph.operators):
         for o in op.outputs:
@@ -339,6 +340,7 @@ def _check_acyclic(subgraph: Table, where: str) -> None:
     if done != len(subgraph.operators):
         stuck = [k for k, n in enumerate(waiting) if n > 0][:3]
         raise ModelError(f"{where}: the graph has a cycle through operators {stuck}")
+    return producer
 
 
 # Types LiteRT lets an operator read without data (their values live elsewhere).
@@ -368,14 +370,13 @@ def _check_input_buffers(model: Model) -> None:
                 )
 
 
-def _check_order(model: Model, subgraph: Table, s: int) -> None:
+def _check_order(model: Model, subgraph: Table, s: int, producer: dict[int, int]) -> None:
     """Every tensor an operator reads has a value by then, as LiteRT runs the operators in the
     order listed: an earlier operator computed it, or it is a graph input, a constant or a
     variable. Otherwise LiteRT reads memory no one wrote (a later operator's result, in an
     acyclic graph listed out of order) or refuses to run ("Input tensor lacks data"), and a
     rewrite that reorders or removes operators would change what the model computes."""
     tensors = subgraph.tensors
-    producer = {o: k for k, op in enumerate(subgraph.operators) for o in op.outputs if o >= 0}
     has_value = set(subgraph.inputs)
     for k, op in enumerate(subgraph.operators):
         for position, i in enumerate(op.inputs):
