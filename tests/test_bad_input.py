@@ -623,6 +623,28 @@ def test_quantized_add_needs_its_scales(capsys, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "tensor, zero_point, expect",
+    [
+        ("scale", 2**48, "zero point 281474976710656, outside INT16's -32768..32767"),
+        ("ifm", 40000, "zero point 40000, outside INT16's -32768..32767"),
+        ("bias", 2**31, "zero point 2147483648, outside INT64's -2147483648..2147483647"),
+    ],
+    ids=["int16-constant", "int16-activation", "int64-bias"],
+)
+def test_a_zero_point_outside_its_type_is_refused(capsys, tmp_path, tensor, zero_point, expect):
+    # LiteRT keeps zero points as int32 and truncated 2**48 to 0, while the quantized MUL fold
+    # dequantized with 2**48: 232 quanta apart on every element (fuzz --verify)
+    data, _ = chef.cook(RECIPES / "Net_Quant16_Conv_Mul_Add_000")
+    tfl_fuse.optimize(data)  # the recipe itself is accepted
+
+    def change(m):
+        q = _tensor(m, tensor).quantization
+        q.zeroPoint = [zero_point] * len(q.scale)
+
+    assert_refused(capsys, tmp_path, corrupt(data, change), expect)
+
+
 def test_a_nan_constant_is_not_moved(capsys):
     # 0 * NaN is NaN: a MUL by NaN moved above a zero PAD made the border 0 (fuzz --verify)
     data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")

@@ -76,6 +76,16 @@ DATA_INPUT = {"TRANSPOSE_CONV": 2}
 CONVERTING_OPS = {"QUANTIZE", "DEQUANTIZE"}
 FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
 QUANTIZED_ACTIVATIONS = {"INT8", "UINT8", "INT16"}  # LiteRT's ADD/SUB/MUL requantize these
+# Zero points a tensor of each type can hold. LiteRT keeps zero points as int32, so every
+# other integer type (biases included) is bounded by that.
+INT32_RANGE = (-(2**31), 2**31 - 1)
+ZERO_POINT_RANGE = {
+    "INT4": (-8, 7),
+    "INT8": (-128, 127),
+    "UINT8": (0, 255),
+    "INT16": (-32768, 32767),
+    "UINT16": (0, 65535),
+}
 # Operand counts of LiteRT's kernels for the operators rules read: (min inputs, max inputs,
 # min outputs, max outputs, input positions that may be absent (-1), the optional biases).
 ARITY: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
@@ -454,11 +464,13 @@ def _check_tensor(model: Model, tensor: Table, where: str | _Place) -> None:
             f"{where} is a constant of {len(data)} bytes, but shape {list(shape)} of "
             f"{tensor.type} needs {math.prod(shape) * itemsize}"
         )
-    _check_quantization(tensor.get("quantization"), shape, where)
+    _check_quantization(tensor.get("quantization"), shape, tensor.type, where)
 
 
-def _check_quantization(q: Table | None, shape: list[int], where: str | _Place) -> None:
-    """Scales finite, one zero point per scale, one scale per slice of quantizedDimension."""
+def _check_quantization(
+    q: Table | None, shape: list[int], dtype: str, where: str | _Place
+) -> None:
+    """Scales finite, zero points in range, one zero point per scale, one scale per slice."""
     if q is None:
         return
     scale = q.get("scale")
@@ -473,6 +485,14 @@ def _check_quantization(q: Table | None, shape: list[int], where: str | _Place) 
         raise ModelError(f"{where} has a quantization scale that is not finite")
     if n_zero != n_scale:
         raise ModelError(f"{where} has {n_scale} quantization scales but {n_zero} zero points")
+    if dtype not in FLOAT_TYPES:
+        low, high = ZERO_POINT_RANGE.get(dtype, INT32_RANGE)
+        zero = np.asarray(zero_point, dtype=np.int64)
+        if zero.min() < low or zero.max() > high:
+            bad = int(zero[(zero < low) | (zero > high)][0])
+            raise ModelError(
+                f"{where} has quantization zero point {bad}, outside {dtype}'s {low}..{high}"
+            )
     dimension = q.get("quantizedDimension", 0) or 0
     if n_scale > 1 or dimension:
         if not 0 <= dimension < max(len(shape), 1):
