@@ -10,7 +10,7 @@ import pytest
 from conftest import RECIPES
 
 import tfl_fuse
-from tfl_fuse import verify
+from tfl_fuse import fb, verify
 from tfl_fuse.model import ModelError
 
 NAN, INF = float("nan"), float("inf")
@@ -122,3 +122,57 @@ def test_no_seeded_values_for_a_string_input_is_a_clear_error():
 
     with pytest.raises(ModelError, match="no seeded values of type object for graph input 'text'"):
         verify.random_inputs(Strings())
+
+
+def _with_bias(data: bytes, bias: list[int]) -> bytes:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    tensor = next(t for t in model.subgraphs[0].tensors if t.name in ("bias", b"bias"))
+    model.buffers[tensor.buffer].data = np.array(bias, "<i4").view(np.uint8)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+@pytest.fixture(scope="module")
+def clipping() -> bytes:
+    """int8 CONV -> MUL -> ADD where a large bias makes the MUL's output clip at 127 on the
+    'large' inputs: the fold removes that clip (DESIGN.md 3b)."""
+    data, _ = chef.cook(RECIPES / "Net_Quant_Conv_Mul_Add_000")
+    return _with_bias(data, [-238, -202, 38970, -408])
+
+
+def test_a_fold_that_removes_a_clip_passes_verify_and_names_the_tensor(clipping):
+    # fuzz --verify: 20 quanta apart where the original clipped 'mul', a mismatch before
+    out, report = tfl_fuse.optimize(clipping, verify=True)
+    result = report["verify"]
+    assert [e["rule"] for e in report["rewrites"]] == ["fold_into_quantized_layer"] * 2
+    assert result["match"] and result["clipped_intermediates"] == ["mul"]
+    entry = result["quanta"]["ofm"]
+    assert entry["max"] <= 1 < verify.QUANTA_MAX < entry["clipped_max"]
+    assert "where the original clips 'mul'" in result["summary"]
+
+
+def test_clipped_intermediates_are_removed_tensors_at_their_limits(clipping):
+    out, _ = tfl_fuse.optimize(clipping)
+    reference = verify.interpreter(clipping)
+    small = verify.random_inputs(reference, 0, "normal")
+    large = verify.random_inputs(reference, 2, "large")
+    assert verify.clipped_intermediates(clipping, out, small) == []
+    assert verify.clipped_intermediates(clipping, out, large) == ["mul"]
+    assert verify.clipped_intermediates(clipping, clipping, large) == []  # nothing removed
+
+
+def test_a_wrong_fold_is_still_a_mismatch_where_the_original_clips(clipping):
+    # the excuse lifts only the max bound, on inputs where a removed tensor clipped: a channel
+    # whose folded bias has the wrong sign is off on every input, and the mean bound catches it
+    out, _ = tfl_fuse.optimize(clipping)
+    model = fb.decode(out)
+    bias = next(t for t in model.subgraphs[0].tensors if t.name == "bias")
+    folded = np.frombuffer(model.buffers[bias.buffer].data, "<i4")
+    wrong = _with_bias(out, list(folded * [1, 1, -1, 1]))
+    assert verify.clipped_intermediates(
+        clipping, wrong, verify.random_inputs(verify.interpreter(clipping), 2, "large")
+    ) == ["mul"]
+    result = verify.compare_models(clipping, wrong)
+    assert not result["match"]
+    assert result["quanta"]["ofm"]["mean"] > verify.QUANTA_MEAN

@@ -12,6 +12,7 @@ graph outputs (compared like the others). Every rewritten region sits in what re
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,9 @@ RTOL = 1e-5
 # more than 1. A wrong fold (a wrong scale or sign in a channel) moves values by tens of quanta.
 QUANTA_MAX = 8
 QUANTA_MEAN = 1.0
+# Where the original clips an intermediate tensor that a fold removed, the optimized model no
+# longer clips there and is closer to the float function (DESIGN.md 3b): on such an input,
+# without a float reference, only the mean bound applies (and the report names the tensors).
 # Float16 weights a fold rewrote are rounded to float16 once more (float16.py): outputs move by
 # about that rounding, relative 2^-11 per weight.
 FLOAT16_TOLERANCE = 1e-2
@@ -45,7 +49,10 @@ def as_tflite(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def interpreter(
-    data: bytes | bytearray | memoryview, threads: int = 1, delegate: bool = False
+    data: bytes | bytearray | memoryview,
+    threads: int = 1,
+    delegate: bool = False,
+    keep_all: bool = False,
 ) -> Any:
     """A LiteRT interpreter; by default on LiteRT's built-in kernels, without the XNNPACK delegate.
 
@@ -53,17 +60,24 @@ def interpreter(
     delegate's own bugs would otherwise fake or hide a difference. (LiteRT 2.3.0's XNNPACK
     delegate, for one, returns garbage for a standalone RELU or RELU6 followed by a 1x1
     AVERAGE_POOL_2D, in any model.) The benchmark measures latency with the delegate.
+    ``keep_all``: every intermediate tensor stays readable after ``invoke``.
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    options = (
+    options: dict[str, Any] = (
         {}
         if delegate
         else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     )
-    interp = Interpreter(
-        model_content=private_copy(as_tflite(data)), num_threads=threads, **options
-    )
+    with warnings.catch_warnings():
+        # LiteRT warns that keeping every tensor is meant for debugging: it is, here
+        warnings.simplefilter("ignore", UserWarning)
+        interp = Interpreter(
+            model_content=private_copy(as_tflite(data)),
+            num_threads=threads,
+            experimental_preserve_all_tensors=keep_all,
+            **options,
+        )
     interp.allocate_tensors()
     require_readable_names(interp)
     return interp
@@ -138,6 +152,38 @@ def run(data: bytes | bytearray | memoryview, inputs: list[np.ndarray]) -> list[
         interp.set_tensor(detail["index"], value)
     interp.invoke()
     return [np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()]
+
+
+def clipped_intermediates(
+    original: bytes | bytearray | memoryview,
+    optimized: bytes | bytearray | memoryview,
+    inputs: list[np.ndarray],
+) -> list[str]:
+    """Quantized tensors of ``original`` that ``optimized`` no longer has (a fold removed them)
+    and that reach their integer type's limit on ``inputs``: where the original clipped."""
+    try:
+        kept = {d["name"] for d in interpreter(optimized).get_tensor_details()}
+        interp = interpreter(original, keep_all=True)
+        for detail, value in zip(interp.get_input_details(), inputs):
+            interp.set_tensor(detail["index"], value)
+        interp.invoke()
+        clipped = []
+        for detail in interp.get_tensor_details():
+            dtype = np.dtype(detail["dtype"])
+            if detail["name"] in kept or dtype.kind not in "iu" or not detail["quantization"][0]:
+                continue
+            try:
+                value = interp.get_tensor(detail["index"])
+            except ValueError:  # a tensor LiteRT holds no values for (a constant it dropped)
+                continue
+            info = np.iinfo(dtype)
+            zero = detail["quantization"][1]  # a limit that stands for 0 is a RELU's, no clip
+            low = value.size and value.min() == info.min != zero
+            if low or (value.size and value.max() == info.max != zero):
+                clipped.append(detail["name"])
+        return clipped
+    except (RuntimeError, ValueError, UnicodeDecodeError):
+        return []  # no excuse where the tensors cannot be read
 
 
 def output_names(data: bytes | bytearray | memoryview) -> tuple[list[str], list[str]]:
@@ -288,6 +334,7 @@ def compare_models(
     in_quanta: dict[str, dict[str, Any]] = {
         name: {"max": 0, "over_1": 0, "sum": 0, "values": 0} for name in quantized
     }
+    clipped: list[str] = []
     worst: dict[str, float] = {name: 0.0 for name in names}
     relative: dict[str, float] = {name: 0.0 for name in names}
     match = True
@@ -312,12 +359,19 @@ def compare_models(
                 "summary": "the models have different numbers of outputs",
                 "max_abs_diff": {},
             }
+        clipped_here: list[str] | None = None
         for name, e, a in zip(names, expected, actual):
             ok, diff = compare_arrays(e, a, rtol, atol_scale=atol_scale)
             if name in quantized and e.shape == a.shape and e.size:
                 apart = np.abs(e.astype(np.int64) - a.astype(np.int64))
                 entry = in_quanta[name]
-                entry["max"] = max(entry["max"], int(apart.max()))
+                if int(apart.max()) > quanta and clipped_here is None:
+                    clipped_here = clipped_intermediates(original, optimized, inputs)
+                    clipped += [t for t in clipped_here if t not in clipped]
+                if int(apart.max()) > quanta and clipped_here:
+                    entry["clipped_max"] = max(entry.get("clipped_max", 0), int(apart.max()))
+                else:
+                    entry["max"] = max(entry["max"], int(apart.max()))
                 entry["over_1"] += int(np.count_nonzero(apart > 1))
                 entry["sum"] += int(apart.sum())
                 entry["values"] += int(apart.size)
@@ -338,6 +392,12 @@ def compare_models(
         else f"{n}: {relative[n]:.2g} of max |output|, max |diff| {worst[n]:.3g}"
         for n in names
     )
+    if clipped:
+        summary += (
+            f" (more on inputs where the original clips {', '.join(map(repr, clipped[:3]))}"
+            f"{', ...' if len(clipped) > 3 else ''}, which the optimized model does not have:"
+            f" up to {max(e.get('clipped_max', 0) for e in in_quanta.values())} quanta)"
+        )
     if custom:
         summary += f" (compared around custom op(s) {', '.join(custom)}, which LiteRT cannot run)"
     return {
@@ -349,4 +409,5 @@ def compare_models(
         "seed": seed,
         "inputs": list(kinds),
         **({"around_custom_ops": custom} if custom else {}),
+        **({"clipped_intermediates": clipped} if clipped else {}),
     }
