@@ -467,9 +467,7 @@ def _check_tensor(model: Model, tensor: Table, where: str | _Place) -> None:
     _check_quantization(tensor.get("quantization"), shape, tensor.type, where)
 
 
-def _check_quantization(
-    q: Table | None, shape: list[int], dtype: str, where: str | _Place
-) -> None:
+def _check_quantization(q: Table | None, shape: list[int], dtype: str, where: str | _Place) -> None:
     """Scales finite, zero points in range, one zero point per scale, one scale per slice."""
     if q is None:
         return
