@@ -115,6 +115,27 @@ def test_litert_runs_leave_the_callers_bytes_and_each_other_alone():
     assert all(np.array_equal(a, b) for a, b in zip(first, verify.run(data, inputs)))
 
 
+def test_a_graph_input_that_holds_data_is_run_with_its_data():
+    """A STRIDED_SLICE's strides as a graph input that holds [1, 1, 1, 1] (fuzz --verify): fed
+    random integers, LiteRT sliced with strides like -9 and read memory no one wrote, so two
+    runs of the same model differed ("no rewrite to blame"). verify runs it with its data."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    data, _ = chef.cook(RECIPES / "Net_TConv_Crop_BN_000")
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    main = model.subgraphs[0]
+    strides = next(i for i, t in enumerate(main.tensors) if t.name in ("strides", b"strides"))
+    main.inputs = [0, strides]
+    data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    assert verify.stored_inputs(data) == {strides}
+    interp = verify.interpreter(data)
+    inputs = verify.random_inputs(interp, 0, "normal", verify.stored_inputs(data))
+    assert inputs[1].tolist() == [1, 1, 1, 1] and inputs[0].dtype == np.float32
+    assert not np.array_equal(verify.random_inputs(interp, 0)[1], [1, 1, 1, 1])
+    out, report = tfl_fuse.optimize(data, verify=True)
+    assert report["verify"]["match"]
+
+
 def test_no_seeded_values_for_a_string_input_is_a_clear_error():
     class Strings:  # what LiteRT's interpreter says of a STRING graph input
         def get_input_details(self):

@@ -114,11 +114,34 @@ def original_failed(error: BaseException) -> ModelError:
     return ModelError(f"--verify: LiteRT cannot run the original model: {litert_reason(error)}")
 
 
-def random_inputs(interp: Any, seed: int = 0, kind: str = "normal") -> list[np.ndarray]:
-    """Seeded inputs for every graph input: ``normal``, ``zeros`` or ``large`` magnitudes."""
+def stored_inputs(data: bytes | bytearray | memoryview) -> set[int]:
+    """The graph inputs (tensor indices) of the main subgraph that hold data in the model."""
+    model = fb.decode(data)
+    main = model.subgraphs[0]
+    return {
+        i
+        for i in main.inputs
+        if 0 <= i < len(main.tensors)
+        and model.buffers[main.tensors[i].buffer].data is not None
+        and len(model.buffers[main.tensors[i].buffer].data)
+    }
+
+
+def random_inputs(
+    interp: Any, seed: int = 0, kind: str = "normal", stored: set[int] = frozenset()
+) -> list[np.ndarray]:
+    """Seeded inputs for every graph input: ``normal``, ``zeros`` or ``large`` magnitudes.
+
+    A graph input in ``stored`` (it holds data in the model, see :func:`stored_inputs`) gets
+    that data: it is often an operand (strides, a shape) no random values stand for, and the
+    model's own value is the one it is run with unless the caller sets another.
+    """
     rng = np.random.default_rng(seed)
     values = []
     for detail in interp.get_input_details():
+        if detail.get("index") in stored:
+            values.append(np.array(interp.get_tensor(detail["index"])))
+            continue
         shape = [int(d) for d in detail["shape"]]
         dtype = np.dtype(detail["dtype"])
         if dtype.kind == "f":
@@ -326,6 +349,7 @@ def compare_models(
         reference = interpreter(original)
     except (RuntimeError, ValueError) as error:
         raise original_failed(error) from None
+    stored = stored_inputs(original)
     details = reference.get_output_details()
     names = [d["name"] for d in details]
     quantized = {
@@ -339,7 +363,7 @@ def compare_models(
     relative: dict[str, float] = {name: 0.0 for name in names}
     match = True
     for k, kind in enumerate(kinds):
-        inputs = random_inputs(reference, seed + k, kind)
+        inputs = random_inputs(reference, seed + k, kind, stored)
         try:
             expected = run(original, inputs)
         except (RuntimeError, ValueError) as error:

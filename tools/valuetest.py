@@ -42,12 +42,13 @@ def run_value_test(
     # custom ops LiteRT cannot run are cut out of both models (verify.runnable_pair)
     original, optimized, _ = verify.runnable_pair(original, optimized)
     reference = verify.interpreter(original)
+    stored = verify.stored_inputs(original)
     input_names = [d["name"] for d in reference.get_input_details()]
     output_names = [d["name"] for d in reference.get_output_details()]
     ok, report = True, []
     for k, kind in enumerate(KINDS):
         stem = name if kind == "normal" else f"{name}-{kind}"
-        inputs = verify.random_inputs(reference, seed + k, kind)
+        inputs = verify.random_inputs(reference, seed + k, kind, stored)
         h5compare.write_dump(out_dir / f"{stem}.input.h5", input_names, inputs)
         h5compare.write_dump(
             out_dir / f"{stem}.expected.h5", output_names, verify.run(original, inputs)
