@@ -39,6 +39,11 @@ FLOAT16_TOLERANCE = 1e-2
 # smallest (palm_detection_lite, all-zero input; 1e-6 on images): --verify allows 1e-4 then.
 EQUALIZE_TOLERANCE = 1e-4
 ATOL_SCALE = 1e-5
+# An input on which the original's float outputs overflow, or come within this share of their
+# type's largest value, is not compared: rescaling weights (folds, moved scales, equalization)
+# moves where float arithmetic overflows, and LiteRT turns NaN into that largest value (a
+# MAX_POOL_2D of NaN is -FLT_MAX). The report lists those inputs.
+FLOAT_LIMIT_SHARE = 2.0**-20
 
 
 def as_tflite(data: bytes | bytearray | memoryview) -> bytes:
@@ -175,6 +180,18 @@ def run(data: bytes | bytearray | memoryview, inputs: list[np.ndarray]) -> list[
         interp.set_tensor(detail["index"], value)
     interp.invoke()
     return [np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()]
+
+
+def at_float_limit(outputs: list[np.ndarray]) -> bool:
+    """Whether a float output is infinite or, in float32 and float64, within FLOAT_LIMIT_SHARE
+    of its type's limit (float16's is too near the values models compute)."""
+    for value in outputs:
+        if value.dtype.kind != "f" or not value.size or np.all(np.isnan(value)):
+            continue
+        limit = np.finfo(value.dtype).max * (FLOAT_LIMIT_SHARE if value.itemsize >= 4 else 1)
+        if np.nanmax(np.abs(value)) >= limit:
+            return True
+    return False
 
 
 def clipped_intermediates(
@@ -359,6 +376,7 @@ def compare_models(
         name: {"max": 0, "over_1": 0, "sum": 0, "values": 0} for name in quantized
     }
     clipped: list[str] = []
+    at_limit: list[str] = []
     worst: dict[str, float] = {name: 0.0 for name in names}
     relative: dict[str, float] = {name: 0.0 for name in names}
     match = True
@@ -383,6 +401,9 @@ def compare_models(
                 "summary": "the models have different numbers of outputs",
                 "max_abs_diff": {},
             }
+        if at_float_limit(expected):
+            at_limit.append(kind)
+            continue
         clipped_here: list[str] | None = None
         for name, e, a in zip(names, expected, actual):
             ok, diff = compare_arrays(e, a, rtol, atol_scale=atol_scale)
@@ -416,6 +437,11 @@ def compare_models(
         else f"{n}: {relative[n]:.2g} of max |output|, max |diff| {worst[n]:.3g}"
         for n in names
     )
+    if at_limit:
+        summary += (
+            f" (not compared on the {', '.join(at_limit)} inputs: the original's outputs reach"
+            " float's limit there)"
+        )
     if clipped:
         summary += (
             f" (more on inputs where the original clips {', '.join(map(repr, clipped[:3]))}"
@@ -434,4 +460,5 @@ def compare_models(
         "inputs": list(kinds),
         **({"around_custom_ops": custom} if custom else {}),
         **({"clipped_intermediates": clipped} if clipped else {}),
+        **({"not_compared": at_limit} if at_limit else {}),
     }
