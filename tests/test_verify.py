@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import chef
@@ -10,7 +11,7 @@ import pytest
 from conftest import RECIPES
 
 import tfl_fuse
-from tfl_fuse import fb, verify
+from tfl_fuse import cli, fb, verify
 from tfl_fuse.model import ModelError
 
 NAN, INF = float("nan"), float("inf")
@@ -244,3 +245,53 @@ def test_inputs_below_floats_limit_are_still_compared(pair):
     assert result["match"] and "not_compared" not in result
     wrong = _with_weight(out, "ker", (0, 0, 0, 0), 5.0)
     assert not verify.compare_models(data, wrong)["match"]
+
+
+def _crashing_for(monkeypatch, target: bytes) -> None:
+    """LiteRT crashing (SIGSEGV) when it runs ``target``, as it does on some malformed models."""
+    import os
+    import signal
+
+    run = verify.run
+
+    def crashing(data, inputs):
+        if bytes(data) == target:
+            os.kill(os.getpid(), signal.SIGSEGV)  # in the verifying child
+        return run(data, inputs)
+
+    monkeypatch.setattr(verify, "run", crashing)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="contained by fork on Linux")
+def test_litert_crashing_on_the_optimized_model_is_a_mismatch(monkeypatch, pair):
+    original, optimized = pair
+    _crashing_for(monkeypatch, optimized)
+    result = verify.compare_models(original, optimized)
+    assert not result["match"]
+    assert result["summary"] == (
+        "LiteRT crashes (SIGSEGV) running the optimized model, which runs the original"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="contained by fork on Linux")
+def test_litert_crashing_on_the_original_is_bad_input(monkeypatch, capsys, tmp_path, pair):
+    original, optimized = pair
+    _crashing_for(monkeypatch, original)
+    with pytest.raises(ModelError, match=r"^--verify: LiteRT crashes \(SIGSEGV\) running the "):
+        verify.compare_models(original, optimized)
+    # the CLI lives on to say it in one line, and writes nothing
+    source, out = tmp_path / "in.tflite", tmp_path / "out.tflite"
+    source.write_bytes(original)
+    assert cli.main([str(source), str(out), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LiteRT crashes (SIGSEGV) running the original model" in err
+    assert not out.exists()
+
+
+def test_errors_in_the_verifying_child_are_raised_in_the_caller(monkeypatch, pair):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(verify, "compare_in_process", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        verify.compare_models(*pair)

@@ -12,6 +12,10 @@ graph outputs (compared like the others). Every rewritten region sits in what re
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import sys
 import warnings
 from typing import Any
 
@@ -21,6 +25,7 @@ from . import fb
 from .model import Model, ModelError
 
 RTOL = 1e-5
+KINDS = ("normal", "zeros", "large")  # the seeded inputs (random_inputs)
 # Quantized outputs after folds that removed roundings (DESIGN.md 3b): none more than
 # QUANTA_MAX quanta apart and on average at most QUANTA_MEAN. A single fold moves its own output
 # by at most 1 quantum; through a deep network those moves spread: on Keras ResNet50V2 in int8
@@ -346,9 +351,86 @@ def runnable_pair(
 def compare_models(
     original: bytes | bytearray | memoryview,
     optimized: bytes | bytearray | memoryview,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`compare_in_process` in a forked child on Linux, so that LiteRT crashing on a model
+    (a signal) ends the child, not the caller: then a crash on the original is a ModelError, and
+    a crash on the optimized model only is a mismatch. Elsewhere it runs in this process."""
+    if not sys.platform.startswith("linux"):
+        return compare_in_process(original, optimized, **options)
+    crash, answer = in_child(compare_in_process, original, optimized, **options)
+    if crash is None:
+        return answer
+    kinds = options.get("kinds", KINDS)
+    again, _ = in_child(run_kinds, original, options.get("seed", 0), kinds)
+    if again is not None:
+        raise ModelError(f"--verify: LiteRT crashes ({again}) running the original model")
+    return {
+        "match": False,
+        "summary": f"LiteRT crashes ({crash}) running the optimized model, which runs the original",
+        "max_abs_diff": {},
+    }
+
+
+def run_kinds(data: bytes | bytearray | memoryview, seed: int, kinds: tuple[str, ...]) -> None:
+    """Run ``data`` on the seeded inputs compare_models feeds it (errors end it early)."""
+    data, _, _ = runnable_pair(data, data)
+    reference = interpreter(data)
+    stored = stored_inputs(data)
+    for k, kind in enumerate(kinds):
+        run(data, random_inputs(reference, seed + k, kind, stored))
+
+
+def in_child(function: Any, *args: Any, **kwargs: Any) -> tuple[str | None, Any]:
+    """``(None, function(*args, **kwargs))`` computed in a forked child, whose exceptions are
+    raised here again; or ``(signal name, None)`` where a signal ended the child."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(read)
+            try:
+                answer: tuple[bool, Any] = (True, function(*args, **kwargs))
+            except Exception as error:  # noqa: BLE001 - raised again in the parent
+                answer = (False, error)
+            with os.fdopen(write, "wb") as pipe:
+                try:
+                    pickle.dump(answer, pipe)
+                except Exception as error:  # noqa: BLE001 - an exception pickle cannot carry
+                    pickle.dump((False, RuntimeError(f"{type(error).__name__}: {error}")), pipe)
+        except BaseException:  # noqa: BLE001 - the parent reports an empty answer
+            code = 1
+        os._exit(code)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return signal.Signals(number).name, None
+        except ValueError:
+            return f"signal {number}", None
+    if not data:
+        raise RuntimeError(f"the verifying child process failed (exit status {status})")
+    ok, answer = pickle.loads(data)
+    if not ok:
+        raise answer
+    return None, answer
+
+
+def compare_in_process(
+    original: bytes | bytearray | memoryview,
+    optimized: bytes | bytearray | memoryview,
     seed: int = 0,
     rtol: float = RTOL,
-    kinds: tuple[str, ...] = ("normal", "zeros", "large"),
+    kinds: tuple[str, ...] = KINDS,
     atol_scale: float = ATOL_SCALE,
     quanta: int = QUANTA_MAX,
     quanta_mean: float = QUANTA_MEAN,

@@ -30,8 +30,6 @@ import copy
 import hashlib
 import json
 import multiprocessing
-import os
-import pickle
 import random
 import resource
 import signal
@@ -53,7 +51,7 @@ from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from ai_edge_litert.tools import flatbuffer_utils  # noqa: E402
 
 import tfl_fuse  # noqa: E402
-from tfl_fuse import fb  # noqa: E402
+from tfl_fuse import fb, verify  # noqa: E402
 from tfl_fuse.model import ModelError  # noqa: E402
 
 CATCH_ALL = "met an inconsistent model"
@@ -350,33 +348,10 @@ def _check(data: bytes, options: dict[str, Any]) -> tuple[str | None, str]:
 def in_child(function: Any, *args: Any) -> tuple[str | None, str]:
     """``function(*args)`` in a forked child (LiteRT may crash on a malformed model): its
     result, or a failure naming the signal that ended the child."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(read)
-            signal.alarm(0)
-            with os.fdopen(write, "wb") as pipe:
-                pickle.dump(function(*args), pipe)
-        except BaseException:  # noqa: BLE001 - the parent reports an empty answer
-            code = 1
-        os._exit(code)
-    os.close(write)
-    try:
-        with os.fdopen(read, "rb") as pipe:
-            answer = pipe.read()
-        _, status = os.waitpid(pid, 0)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        return f"crash under --verify ({name})", "LiteRT or tfl_fuse ended the process"
-    if not answer:
-        return "the verifying child failed", f"exit status {os.WEXITSTATUS(status)}"
-    return pickle.loads(answer)
+    crash, answer = verify.in_child(function, *args)
+    if crash is not None:
+        return f"crash under --verify ({crash})", "LiteRT or tfl_fuse ended the process"
+    return answer
 
 
 def _alarm(signum: int, frame: Any) -> None:
