@@ -150,7 +150,13 @@ def random_inputs(
     values = []
     for detail in interp.get_input_details():
         if detail.get("index") in stored:
-            values.append(np.array(interp.get_tensor(detail["index"])))
+            try:
+                values.append(np.array(interp.get_tensor(detail["index"])))
+            except ValueError as error:  # strings LiteRT cannot decode
+                raise ModelError(
+                    f"--verify: LiteRT cannot read the data of graph input {detail['name']!r}: "
+                    f"{litert_reason(error)}"
+                ) from None
             continue
         shape = [int(d) for d in detail["shape"]]
         dtype = np.dtype(detail["dtype"])
