@@ -211,3 +211,42 @@ def test_a_second_run_changes_nothing(variant):
     once, _ = tfl_fuse.optimize(quantmodels.path(variant).read_bytes())
     twice, report = tfl_fuse.optimize(once)
     assert report["rewrites"] == [] and twice == once
+
+
+def _with_mul_scale(recipe: str, scale: float) -> bytes:
+    data, _ = chef.cook(f"recipes/{recipe}")
+    model = fb.decode(data)
+    graph = Graph(model, 0)
+    tensor = graph.tensors[graph.ops_of_type("MUL")[0].inputs[1]]
+    tensor.quantization.scale = np.array([scale], np.float32)
+    return bytes(fb.encode(model))
+
+
+def test_a_fold_whose_requantization_would_overflow_is_declined():
+    # fuzz --verify: a MUL constant scaled 3.6e14 made the folded FULLY_CONNECTED's multiplier
+    # 4e13; LiteRT shifts the int32 accumulator left by its exponent, which wrapped: outputs 117
+    # quanta off on average, where the original saturates
+    data = _with_mul_scale("Net_Quant_FC_Mul_Add_000", 3.6028796e14)
+    out, report = tfl_fuse.optimize(data, verify=True)
+    assert report["ops_after"]["MUL"] == 1
+    reasons = [d["reason"] for d in report["declined"] if d["rule"] == "fold_into_quantized_layer"]
+    assert any("would overflow LiteRT's 32-bit requantization" in r for r in reasons), reasons
+    assert report["verify"]["match"]
+    # an ordinary scale still folds
+    out, report = tfl_fuse.optimize(_with_mul_scale("Net_Quant_FC_Mul_Add_000", 0.01))
+    assert report["ops_after"].get("MUL", 0) == 0
+
+
+def test_accumulator_reach_and_the_multiplier_bound():
+    from tfl_fuse.rules import Decline
+    from tfl_fuse.rules.quantized import accumulator_reach, check_multiplier
+
+    weights = np.array([[1, -2, 3], [127, 0, -127]], np.int8)
+    # |x - zero point| up to 127 + 5 for int8 inputs of zero point -5
+    reach = accumulator_reach(weights, 0, np.array([10, -1000]), "INT8", -5)
+    assert reach.tolist() == [6 * 132 + 10, 254 * 132 + 1000]
+    check_multiplier(1.0, np.array([0.5, 1.0]), 1.0, reach)  # no left shift
+    check_multiplier(1.0, np.array([2.0**10, 1.0]), 1.0, reach)  # 802 * 2**11 < 2**31
+    with pytest.raises(Decline, match="would overflow LiteRT's 32-bit requantization"):
+        check_multiplier(1.0, np.array([1.0, 2.0**15]), 1.0, reach)  # 34528 * 2**16 >= 2**31
+    check_multiplier(1.0, np.array([1.0, 2.0**15]), 1.0, reach, "INT64")  # 64-bit: room

@@ -85,6 +85,8 @@ DEPTHWISE_VERSION = {"INT8": 3, "INT16": 5}
 # Keep the bias well inside its type: the accumulator adds products to it.
 BIAS_MARGIN = {"INT32": 2**30, "INT64": 2**40}
 SMALLEST_MULTIPLIER = 2.0**-31  # LiteRT turns smaller requantization multipliers into 0
+# The width LiteRT requantizes an accumulator in (sign bit aside), by the layer's bias type.
+ACCUMULATOR_BITS = {"INT32": 31, "INT64": 63}
 
 
 @dataclass
@@ -162,11 +164,42 @@ def check_bias_fits(bias: np.ndarray, type_name: str) -> None:
         raise Decline(f"the folded bias would not fit in {type_name}")
 
 
-def check_multiplier(input_scale: float, weight_scale: np.ndarray, output_scale: float) -> None:
+def check_multiplier(
+    input_scale: float,
+    weight_scale: np.ndarray,
+    output_scale: float,
+    reach: np.ndarray | None = None,
+    bias_type: str = "INT32",
+) -> None:
+    """Decline a requantization multiplier LiteRT cannot apply: below SMALLEST_MULTIPLIER, or,
+    given ``reach`` (the largest accumulator magnitude per channel), so large that LiteRT's
+    fixed-point requantization, which shifts the accumulator left by the multiplier's exponent
+    in the bias type's width, would overflow (it wraps: garbage where it should saturate)."""
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # checked right below
         multiplier = input_scale * weight_scale / output_scale
     if np.any(multiplier < SMALLEST_MULTIPLIER) or not np.all(np.isfinite(multiplier)):
         raise Decline("a requantization multiplier would be too small for LiteRT (scale near 0)")
+    if reach is None:
+        return
+    left_shift = np.maximum(np.frexp(multiplier)[1], 0).astype(np.float64)
+    bits = ACCUMULATOR_BITS.get(bias_type, 31)
+    if np.any(np.asarray(reach, np.float64) * np.exp2(left_shift) >= 2.0**bits):
+        raise Decline(
+            f"a requantization multiplier up to {float(multiplier.max()):.3g} would overflow "
+            f"LiteRT's {bits + 1}-bit requantization of this layer's accumulator"
+        )
+
+
+def accumulator_reach(
+    weights: np.ndarray, axis: int, bias: np.ndarray, input_type: str, zero_point: int
+) -> np.ndarray:
+    """The largest accumulator magnitude per output channel (along ``axis`` of the integer
+    ``weights``): every |input - zero point| at its type's extreme, plus the integer bias."""
+    low, high = quant.INTEGER_RANGES.get(input_type, quant.INTEGER_RANGES["INT16"])
+    span = max(high - zero_point, zero_point - low)
+    others = tuple(a for a in range(weights.ndim) if a != axis % weights.ndim)
+    total = np.abs(weights.astype(np.int64)).sum(axis=others).astype(np.float64)
+    return total * span + np.abs(bias.astype(np.float64))
 
 
 @dataclass
@@ -281,7 +314,6 @@ def fold_into_quantized_layer(graph: Graph, layer: Table, affine: QuantAffine) -
         out_q = per_tensor_activation(
             graph, affine.op.outputs[0], f"{affine.op.opcode.name} output"
         )
-        check_multiplier(float(np.float32(in_q.scale[0])), new_scale32, out_q.scale[0])
         bias_scale = (np.float32(in_q.scale[0]) * new_scale32.astype(np.float32)).astype(np.float64)
         if has_bias:
             bias_tensor = layer.inputs[position]
@@ -302,6 +334,11 @@ def fold_into_quantized_layer(graph: Graph, layer: Table, affine: QuantAffine) -
             raise Decline(f"the folded bias would not fit in {bias_type}")
         new_bias = new_bias + quant.round_half_away(moved).astype(np.int64)
         check_bias_fits(new_bias, bias_type)
+        reach = accumulator_reach(
+            new_w, weights.axis, new_bias, graph.dtype(data_in), int(in_q.zero_point[0])
+        )
+        input_scale = float(np.float32(in_q.scale[0]))
+        check_multiplier(input_scale, new_scale32, out_q.scale[0], reach, bias_type)
     else:
         if has_bias:
             bias_tensor = layer.inputs[position]
@@ -490,6 +527,12 @@ def bn_pair_to_depthwise(graph: Graph, mul: Table, add: Table) -> None:
     bias_type = quant.BIAS_TYPE_FOR_ACTIVATION[kind]
     bias = quant.round_half_away(shift / bias_scale)
     check_bias_fits(bias, bias_type)
+    reach = accumulator_reach(
+        weights.reshape(1, -1), 1, bias, graph.dtype(x), int(in_q.zero_point[0])
+    )
+    check_multiplier(
+        float(input_scale), weight_scale.astype(np.float64), out_q.scale[0], reach, bias_type
+    )
 
     name = graph.name(out)
     weight_tensor = graph.add_constant(
