@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1155,3 +1156,116 @@ def test_layer_without_options_table(activation):
             assert any("no options table" in d["reason"] for d in report["declined"])
         else:
             assert report["ops_after"].get("MUL", 0) == 0 and report["ops_after"].get("ADD", 0) == 0
+
+
+def _strided_slice(begin, end, strides, masks, out_shape, in_shape=(1, 9, 9, 6)) -> bytes:
+    recipe = {
+        "name": "slice",
+        "inputs": ["ifm"],
+        "outputs": ["ofm"],
+        "operand": [
+            {"name": "ifm", "shape": list(in_shape)},
+            *(
+                {
+                    "name": name,
+                    "shape": [len(in_shape)],
+                    "type": "int32",
+                    "filler": {"kind": "explicit", "values": list(values)},
+                }
+                for name, values in (("begin", begin), ("end", end), ("strides", strides))
+            ),
+            {"name": "ofm", "shape": list(out_shape)},
+        ],
+        "operation": [
+            {
+                "type": "STRIDED_SLICE",
+                "inputs": ["ifm", "begin", "end", "strides"],
+                "outputs": ["ofm"],
+                "options": dict(zip(("begin_mask", "end_mask", "shrink_axis_mask"), masks)),
+            }
+        ],
+    }
+    return bytes(fb.encode(chef.build_model(recipe)))
+
+
+def test_strided_slice_output_shapes_are_litert_s():
+    """validate computes a STRIDED_SLICE's output shape as LiteRT does (negative indices,
+    clamping, masks, negative strides, shrunk axes): on 300 random slices, the shape LiteRT
+    gives the output when it prepares the op is accepted, and any other is refused."""
+    from tfl_fuse import verify
+
+    rng = np.random.default_rng(5)
+    refused = 0
+    for _ in range(300):
+        begin, end = rng.integers(-11, 12, 4), rng.integers(-11, 12, 4)
+        strides = rng.choice([-3, -2, -1, 1, 2, 3], 4)
+        masks = rng.integers(0, 16, 3) * (rng.random(3) < 0.5)
+        # LiteRT's own shape: the stored one is what it resizes
+        data = _strided_slice(begin, end, strides, masks, [1])
+        try:
+            shape = verify.interpreter(data).get_output_details()[0]["shape"].tolist()
+        except (RuntimeError, ValueError):
+            continue  # LiteRT refuses the slice itself
+        tfl_fuse.optimize(_strided_slice(begin, end, strides, masks, shape))
+        wrong = [*shape[:-1], shape[-1] + 1] if shape else [2]
+        with pytest.raises(ModelError, match="is not the .* LiteRT computes from input"):
+            tfl_fuse.optimize(_strided_slice(begin, end, strides, masks, wrong))
+        refused += 1
+    assert refused > 200
+
+
+def test_a_strided_slice_whose_stored_shape_lies_is_refused(capsys, tmp_path):
+    # fuzz --verify: end [1, 1, 1, 1] makes LiteRT's output [1, 0, 0, 1], the stored shape
+    # said [1, 8, 8, 6]; move_before_rearrangement read the channel axis as kept whole
+    data, _ = chef.cook(RECIPES / "Net_TConv_Crop_BN_000")
+
+    def change(m):
+        end = _tensor(m, "end")
+        m.buffers[end.buffer].data = np.array([1, 1, 1, 1], "<i4").view(np.uint8)
+
+    assert_refused(
+        capsys,
+        tmp_path,
+        corrupt(data, change),
+        "operator 1 (STRIDED_SLICE): output shape [1, 8, 8, 6] is not the [1, 0, 0, 1] LiteRT "
+        "computes from input [1, 9, 9, 6]",
+    )
+
+
+@pytest.mark.parametrize(
+    "begin, size, shape, expect",
+    [
+        ([0, 1, 1, 0], [1, -1, -1, 6], [1, 8, 8, 6], None),
+        ([0, 1, 1, 0], [1, 8, 8, 6], [1, 8, 8, 3], "is not the [1, 8, 8, 6] LiteRT computes"),
+        ([0, 2, 1, 0], [1, 8, 8, 6], [1, 8, 8, 6], "lie outside [1, 9, 9, 6]"),
+    ],
+)
+def test_slice_output_shapes(begin, size, shape, expect):
+    recipe = {
+        "name": "slice",
+        "inputs": ["ifm"],
+        "outputs": ["ofm"],
+        "operand": [
+            {"name": "ifm", "shape": [1, 9, 9, 6]},
+            {
+                "name": "begin",
+                "shape": [4],
+                "type": "int32",
+                "filler": {"kind": "explicit", "values": begin},
+            },
+            {
+                "name": "size",
+                "shape": [4],
+                "type": "int32",
+                "filler": {"kind": "explicit", "values": size},
+            },
+            {"name": "ofm", "shape": shape},
+        ],
+        "operation": [{"type": "SLICE", "inputs": ["ifm", "begin", "size"], "outputs": ["ofm"]}],
+    }
+    data = bytes(fb.encode(chef.build_model(recipe)))
+    if expect is None:
+        tfl_fuse.optimize(data, verify=True)
+    else:
+        with pytest.raises(ModelError, match=re.escape(expect)):
+            tfl_fuse.optimize(data)

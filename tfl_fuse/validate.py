@@ -302,6 +302,9 @@ def validate(model: Model) -> None:
             elif op.opcode.name == "FULLY_CONNECTED":
                 op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
                 _check_fully_connected_output(op, subgraph.tensors, op_where)
+            elif op.opcode.name in ("STRIDED_SLICE", "SLICE"):
+                op_where = _Place("subgraph {}: operator {} ({})", s, k, op.opcode.name)
+                _check_slice_output(op, subgraph.tensors, model.buffers, op_where)
     _check_input_buffers(model)
     for signature in model.signature_defs:
         index = signature.get("subgraphIndex", 0)
@@ -598,6 +601,68 @@ def _check_fully_connected_output(op: Table, tensors: list[Table], where: str | 
             f"{where}: output shape {out_shape} is not the {expected} LiteRT computes from "
             f"input {in_shape} and weights {weight_shape}"
         )
+
+
+def _constant_ints(tensor: Table, buffers: list[Table]) -> list[int] | None:
+    """A dense INT32/INT64 constant's values, or None."""
+    data = buffers[tensor.buffer].data
+    if data is None or not len(data) or tensor.type not in ("INT32", "INT64"):
+        return None
+    if tensor.get("sparsity") is not None:
+        return None
+    return np.frombuffer(data, "<i4" if tensor.type == "INT32" else "<i8").tolist()
+
+
+def _check_slice_output(
+    op: Table, tensors: list[Table], buffers: list[Table], where: str | _Place
+) -> None:
+    """With constant operands and static shapes, a STRIDED_SLICE's or SLICE's output shape is the
+    one LiteRT computes when it prepares the op (strided_slice_logic: negative indices count
+    from the end, then clamp; a shrunk axis is dropped). Rules reason on the stored shape (a
+    slice that keeps the channel axis whole); ellipsis, new-axis and offset forms are left to
+    runtime."""
+    data, out = tensors[op.inputs[0]], tensors[op.outputs[0]]
+    in_shape, out_shape = list(data.get("shape") or ()), list(out.get("shape") or ())
+    if not in_shape or any(-1 in list(t.get("shapeSignature") or ()) for t in (data, out)):
+        return
+    operands = [_constant_ints(tensors[t], buffers) for t in op.inputs[1:]]
+    if any(v is None or len(v) != len(in_shape) for v in operands):
+        return
+    if op.opcode.name == "SLICE":
+        begin, size = operands
+        expected = [d - b if n == -1 else n for d, b, n in zip(in_shape, begin, size)]
+        if any(b < 0 or n < 0 or b + n > d for d, b, n in zip(in_shape, begin, expected)):
+            raise ModelError(f"{where}: begin {begin} and size {size} lie outside {in_shape}")
+    else:
+        options = op.get("builtinOptions")
+        get = (lambda name: options.get(name, 0) or 0) if options is not None else lambda n: 0
+        if get("ellipsisMask") or get("newAxisMask") or get("offset"):
+            return
+        begin, end, strides = operands
+        if 0 in strides:
+            raise ModelError(f"{where}: strides {strides} hold 0")
+        expected = []
+        for axis, (size, b, e, stride) in enumerate(zip(in_shape, begin, end, strides)):
+            if get("shrinkAxisMask") >> axis & 1:
+                continue  # one element: the axis is dropped
+            start = _slice_index(b, size, stride, get("beginMask") >> axis & 1, begin=True)
+            stop = _slice_index(e, size, stride, get("endMask") >> axis & 1, begin=False)
+            expected.append(max(0, -(-(stop - start) // stride)) if size else 0)
+    if out_shape != expected:
+        raise ModelError(
+            f"{where}: output shape {out_shape} is not the {expected} LiteRT computes from "
+            f"input {in_shape} and {[list(v) for v in operands]}"
+        )
+
+
+def _slice_index(index: int, size: int, stride: int, masked: int, begin: bool) -> int:
+    """A begin or end index as LiteRT resolves it for an axis of ``size``: a masked one is
+    the first (begin) or past the last (end) element in the direction of ``stride``."""
+    if masked:
+        index = -(2**31) if (stride > 0) == begin else 2**31 - 1
+    if index < 0:
+        index += size
+    return min(max(index, 0), size) if stride > 0 else min(max(index, -1), size - 1)
 
 
 def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) -> None:
