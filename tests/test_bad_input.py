@@ -646,6 +646,33 @@ def test_a_zero_point_outside_its_type_is_refused(capsys, tmp_path, tensor, zero
     assert_refused(capsys, tmp_path, corrupt(data, change), expect)
 
 
+def test_a_binary_op_writes_its_operands_type(capsys, tmp_path):
+    # fuzz --verify: an int8 MUL writing INT32; LiteRT picked int32 arithmetic and misread the
+    # int8 operands, so two runs of the same model differed by billions of quanta
+    from ai_edge_litert import schema_py_generated as schema
+
+    data, _ = chef.cook(RECIPES / "Net_Quant_Conv_Mul_Add_000")
+
+    def change(m):
+        _tensor(m, "mul").type = schema.TensorType.INT32
+
+    assert_refused(
+        capsys,
+        tmp_path,
+        corrupt(data, change),
+        "operator 1 (MUL): operands of type INT8 and an output of INT32",
+    )
+    # LiteRT's int16 MUL may requantize into int8 (LSTM cells): accepted
+    data16, _ = chef.cook(RECIPES / "Net_Quant16_Conv_Mul_Add_000")
+
+    def narrowing(m):
+        _tensor(m, "mul").type = schema.TensorType.INT8
+
+    # the MUL (operator 1) passes; the ADD after it, reading INT8 and INT16, does not
+    with pytest.raises(ModelError, match="operator 2 \\(ADD\\): operands of types INT8 and INT16"):
+        tfl_fuse.optimize(corrupt(data16, narrowing))
+
+
 def test_a_nan_constant_is_not_moved(capsys):
     # 0 * NaN is NaN: a MUL by NaN moved above a zero PAD made the border 0 (fuzz --verify)
     data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")

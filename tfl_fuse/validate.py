@@ -74,6 +74,9 @@ _SHAPING = ("SQUEEZE", "MAX_POOL_2D", "AVERAGE_POOL_2D")
 # kind (float vs integer) than their data.
 DATA_INPUT = {"TRANSPOSE_CONV": 2}
 CONVERTING_OPS = {"QUANTIZE", "DEQUANTIZE"}
+# Binary ops whose output may have another type than their operands: LiteRT's int16 MUL
+# requantizes into int8 or uint8 (LSTM cells).
+NARROWING_BINARY = {("MUL", "INT16")}
 FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
 QUANTIZED_ACTIVATIONS = {"INT8", "UINT8", "INT16"}  # LiteRT's ADD/SUB/MUL requantize these
 # Zero points a tensor of each type can hold. LiteRT keeps zero points as int32, so every
@@ -555,6 +558,10 @@ def _check_arity(
         types = [tensors[t].type for t in op.inputs]
         if types[0] != types[1]:  # LiteRT's kernels take operands of one type
             raise ModelError(f"{where}: operands of types {types[0]} and {types[1]}")
+        out_type = tensors[op.outputs[0]].type
+        if out_type != types[0] and (op.opcode.name, types[0]) not in NARROWING_BINARY:
+            # the kernel picks its arithmetic by the output's type and misreads the operands
+            raise ModelError(f"{where}: operands of type {types[0]} and an output of {out_type}")
         if types[0] in QUANTIZED_ACTIVATIONS and op.opcode.name in ("ADD", "SUB", "MUL"):
             for t in (*op.inputs, op.outputs[0]):
                 quantization = tensors[t].get("quantization")
