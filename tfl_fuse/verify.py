@@ -12,6 +12,7 @@ graph outputs (compared like the others). Every rewritten region sits in what re
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import signal
@@ -402,6 +403,7 @@ def in_child(function: Any, *args: Any, **kwargs: Any) -> tuple[str | None, Any]
         code = 0
         try:
             os.close(read)
+            faulthandler.disable()  # a crash here is the parent's to report, in one line
             try:
                 answer: tuple[bool, Any] = (True, function(*args, **kwargs))
             except Exception as error:  # noqa: BLE001 - raised again in the parent
