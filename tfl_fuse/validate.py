@@ -611,7 +611,8 @@ def _check_fully_connected_output(op: Table, tensors: list[Table], where: str | 
 
 
 def _constant_ints(tensor: Table, buffers: list[Table]) -> list[int] | None:
-    """A dense INT32/INT64 constant's values, or None."""
+    """A dense INT32/INT64 constant's values, or None (sparse bytes are no dense values: rules
+    never read them, Graph.is_constant)."""
     data = buffers[tensor.buffer].data
     if data is None or not len(data) or tensor.type not in ("INT32", "INT64"):
         return None
@@ -745,12 +746,9 @@ def _check_transpose(
     rank = len(in_shape)
     if len(perm_shape) != 1 or (rank and perm_shape[0] != rank):
         raise ModelError(f"{where}: a permutation of shape {perm_shape} for rank {rank}")
-    data = buffers[perm.buffer].data
-    if not rank or data is None or not len(data) or perm.type not in ("INT32", "INT64"):
+    values = _constant_ints(perm, buffers)
+    if not rank or values is None:
         return
-    if perm.get("sparsity") is not None:
-        return  # sparse bytes are no dense values: rules never read them (Graph.is_constant)
-    values = np.frombuffer(data, "<i4" if perm.type == "INT32" else "<i8").tolist()
     if sorted(values) != list(range(rank)):
         raise ModelError(f"{where}: {values} is no permutation of {rank} axes")
     out_shape = list(tensors[op.outputs[0]].get("shape") or ())
