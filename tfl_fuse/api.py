@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,56 @@ def remove_stale_temp_files(folder: Path) -> None:
                 os.unlink(folder / name)
 
 
+RELEASE_IN_BACKGROUND_BYTES = 1 << 20
+_releases: list[threading.Thread] = []
+
+
+def _hold_replaced(target: Path) -> int | None:
+    """A descriptor of the regular file at ``target`` of at least 1 MiB (the file a rename is
+    about to replace), or None: the caller closes it once the rename is done.
+
+    Replacing a file frees its pages and blocks when its last reference goes; in the rename
+    itself that costs about 0.25 ms per MiB here (DenseNet121's 32 MB: 7.2 ms, a tenth of the
+    run). Held open, the file outlives the rename and is freed when the descriptor is closed,
+    which :func:`_release` does in a background thread. Nothing is left behind if the process
+    dies: the kernel closes the descriptor.
+    """
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # no such file, or not ours to read: the rename frees it, as before
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode) or info.st_size < RELEASE_IN_BACKGROUND_BYTES:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: int) -> None:
+    """Close ``fd`` (a replaced file's last reference) in a thread, which frees the file.
+
+    The thread is not a daemon: the interpreter waits for it on exit. Each call first joins
+    the threads that have ended, so a long-running process keeps none.
+    """
+    _releases[:] = [thread for thread in _releases if thread.is_alive()]
+    thread = threading.Thread(target=os.close, args=(fd,), name="tfl_fuse-release")
+    try:
+        thread.start()
+    except RuntimeError:  # no thread can start (interpreter shutting down): close it here
+        os.close(fd)
+        return
+    _releases.append(thread)
+
+
+def wait_for_releases() -> None:
+    """Wait until every file replaced by :func:`write_atomically` so far has been freed."""
+    while _releases:
+        _releases.pop().join()
+
+
 def write_atomically(
     path: str | os.PathLike,
     data: bytes | bytearray | memoryview | fb.Encoded,
@@ -436,7 +487,12 @@ def write_atomically(
             os.umask(umask)
             mode = 0o666 & ~umask
         os.chmod(temp, mode)
-        os.replace(temp, target)
+        held = _hold_replaced(target)
+        try:
+            os.replace(temp, target)
+        finally:
+            if held is not None:
+                _release(held)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
