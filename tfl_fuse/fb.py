@@ -32,11 +32,13 @@ import numpy as np
 from . import formats
 from .formats import SCALAR, STRING, TABLE, TABLES, UNION, VECTOR, Format
 from .model import (
+    MADV_POPULATE_READ,
     Model,
     ModelError,
     OpCode,
     ScaledProduct,
     Table,
+    mapped_range,
     populate_mapped_pages,
     release_mapped_pages,
 )
@@ -454,12 +456,6 @@ class Encoded:
             out[position : position + len(data)] = _bytes_of(data)
         return bytes(out)
 
-    def _gap(self, fd: int, start: int, end: int) -> None:
-        _write_all(fd, self.image[start:end])
-        padding = end - max(start, len(self.image))
-        if padding > 0:
-            _write_all(fd, memoryview(bytes(padding)))
-
     def write(self, fd: int, source_fd: int | None = None, writeback: bool = False) -> None:
         """Write the image to ``fd``, unchanged weights copied from ``source_fd`` in the kernel.
 
@@ -467,29 +463,114 @@ class Encoded:
         being written (sync_file_range), so that an fsync after this waits less: a whole
         optimize_file of DenseNet121 103 -> 97 ms, MobileNetV2 25 -> 22 ms, ResNet50V2
         152 -> 130 ms (12 interleaved runs each).
+
+        Data up to MAPPED_WRITE_STEP and the image between goes out in batches of that size,
+        one writev each (:class:`_Batch`).
         """
         position = flushed = 0
         start_writeback = _writeback_starter() if writeback else None
+        batch = _Batch(fd)
+        small = min(MAPPED_WRITE_STEP, MAPPED_WRITE_BYTES)
         for start, data, source_offset in self.holes:
-            self._gap(fd, position, start)
-            if (
-                source_offset is not None
-                and len(data) <= MAPPED_WRITE_BYTES
-                and _write_mapped(fd, data)
-            ):
-                pass  # unchanged input under 64 MiB: written from the input's map
-            elif source_offset is not None and source_fd is not None:
-                _send_all(fd, source_fd, source_offset, len(data))
-            elif isinstance(data, ScaledProduct):
+            self._gap(batch, position, start)
+            if isinstance(data, ScaledProduct):
+                batch.flush()
                 for piece in data.pieces():  # computed as written, through a reused scratch
                     _write_all(fd, piece)
+            elif len(data) <= small or (source_offset is None and len(data) <= MAPPED_WRITE_STEP):
+                batch.add(data)  # unchanged input data from the map, or a rule's new array
             else:
-                _write_all(fd, memoryview(data).cast("B"))
+                batch.flush()
+                if (
+                    source_offset is not None
+                    and len(data) <= MAPPED_WRITE_BYTES
+                    and _write_mapped(fd, data)
+                ):
+                    pass  # unchanged input under 64 MiB: written from the input's map
+                elif source_offset is not None and source_fd is not None:
+                    _send_all(fd, source_fd, source_offset, len(data))
+                else:
+                    _write_all(fd, memoryview(data).cast("B"))
             position = start + len(data)
-            if start_writeback is not None and position - flushed >= WRITEBACK_STEP:
+            if batch.size >= MAPPED_WRITE_STEP or len(batch.views) >= WRITEV_MAX_VIEWS:
+                batch.flush()
+            if (
+                start_writeback is not None
+                and not batch.views
+                and position - flushed >= WRITEBACK_STEP
+            ):
                 start_writeback(fd, flushed, position - flushed)
                 flushed = position
-        self._gap(fd, position, self.size)
+        self._gap(batch, position, self.size)
+        batch.flush()
+        if start_writeback is not None and self.size - flushed >= WRITEBACK_STEP:
+            start_writeback(fd, flushed, self.size - flushed)
+
+    def _gap(self, batch: _Batch, start: int, end: int) -> None:
+        if end > start:
+            image = self.image[start:end]
+            if len(image):
+                batch.add_view(image)
+            padding = end - max(start, len(self.image))
+            if padding > 0:
+                batch.add_view(memoryview(bytes(padding)))
+
+
+WRITEV_MAX_VIEWS = 512  # below every IOV_MAX (Linux: 1024)
+NEAR_BYTES = 64  # input data this close (a length prefix, alignment) is mapped in one span
+
+
+class _Batch:
+    """Views written together in one writev, so that a model's many small buffers cost a few
+    system calls instead of one or three each (a write, and mapping and letting go of the
+    input's pages). Input data that lies back to back in the input's map is mapped in one
+    call before the write and let go after it, as :func:`_write_mapped` does step by step:
+    MobileNetV2's write 11.2 -> 9.7 ms (fsync included). Only the pages of the batch's own
+    data are let go, not those of data between (a fold's weights, read again when written).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.views: list[memoryview] = []
+        self.size = 0
+        self.spans: list[list[Any]] = []  # [map, start, end] of input bytes the views read
+
+    def add_view(self, view: memoryview) -> None:
+        self.views.append(view)
+        self.size += len(view)
+
+    def add(self, data: np.ndarray) -> None:
+        mapped, low, high = mapped_range(data)
+        if mapped is not None:
+            last = self.spans[-1] if self.spans else None
+            if last is not None and last[0] is mapped and last[2] <= low <= last[2] + NEAR_BYTES:
+                last[2] = high
+            else:
+                self.spans.append([mapped, low, high])
+        self.add_view(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+
+    def flush(self) -> None:
+        if not self.views:
+            return
+        page = mmap.PAGESIZE
+        for mapped, low, high in self.spans:  # every page the views touch, mapped at once
+            first, end = low // page * page, min(-(-high // page) * page, len(mapped))
+            with contextlib.suppress(OSError, ValueError):
+                mapped.madvise(MADV_POPULATE_READ, first, end - first)
+        views = self.views
+        while views:
+            written = os.writev(self.fd, views)
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if written:
+                views[0] = views[0][written:]
+        for mapped, low, high in self.spans:  # the pages wholly their own, let go
+            first, end = -(-low // page) * page, high // page * page
+            if end > first:
+                with contextlib.suppress(OSError, ValueError):
+                    mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+        self.views, self.size, self.spans = [], 0, []
 
 
 WRITEBACK_STEP = 1 << 20

@@ -155,19 +155,27 @@ def _mapped_pages(array: np.ndarray, touched: bool) -> tuple[mmap.mmap | None, i
     touches (``touched``), or only the pages wholly its own."""
     if array.nbytes < mmap.PAGESIZE:
         return None, 0, 0  # not a whole page
-    source = array
-    while isinstance(source, np.ndarray) and source.base is not None:
-        source = source.base
-    mapped = source.obj if isinstance(source, memoryview) else source
-    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous:
+    mapped, start, end = mapped_range(array)
+    if mapped is None:
         return None, 0, 0
-    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
-    start = array.__array_interface__["data"][0] - base
-    end = start + array.nbytes
     page = mmap.PAGESIZE
     if touched:
         return mapped, start // page * page, min(-(-end // page) * page, len(mapped))
     return mapped, -(-start // page) * page, end // page * page
+
+
+def mapped_range(array: np.ndarray) -> tuple[mmap.mmap | None, int, int]:
+    """The file map a C-contiguous ``array`` views and the bytes of it (start, end), or
+    (None, 0, 0) where it views none."""
+    source = array
+    while isinstance(source, np.ndarray) and source.base is not None:
+        source = source.base
+    mapped = source.obj if isinstance(source, memoryview) else source
+    if not isinstance(mapped, mmap.mmap) or not array.flags.c_contiguous or not array.nbytes:
+        return None, 0, 0
+    base = np.frombuffer(mapped, np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - base
+    return mapped, start, start + array.nbytes
 
 
 _scratch = threading.local()
