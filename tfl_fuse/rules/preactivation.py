@@ -250,7 +250,7 @@ class MoveScaleForward(Rule):
                 affine = affine_of(graph, mul)
             except Decline:
                 continue
-            shift_op = self._following_shift(graph, mul)
+            shift_op, shift_affine = self._following_shift_affine(graph, mul)
             mul_act = fused_activation(mul)
             bare = shift_op is None and mul_act == "NONE"  # e.g. a hard-swish's 1/6
             if (shift_op is None and mul_act not in ("RELU", "NONE")) or bare != self.bare_only:
@@ -278,7 +278,7 @@ class MoveScaleForward(Rule):
                     plan_scale(graph, mul.outputs[0], scale, plan)
                 else:
                     # relu(0 * x + t) = relu(t): a zero-scale channel holds that constant
-                    shift = affine_of(graph, shift_op).shift
+                    shift = shift_affine.shift
                     new_shift = np.where(zero, 0.0, shift / np.where(zero, 1.0, scale))
                     require_finite(new_shift)
                     constant = np.where(zero, np.maximum(shift, 0.0), 0.0)
@@ -329,18 +329,23 @@ class MoveScaleForward(Rule):
     @staticmethod
     def _following_shift(graph: Graph, mul: Table) -> Table | None:
         """The ADD/SUB by a constant that alone consumes a MUL without activation."""
+        return MoveScaleForward._following_shift_affine(graph, mul)[0]
+
+    @staticmethod
+    def _following_shift_affine(graph: Graph, mul: Table) -> tuple[Table | None, Affine | None]:
+        """:meth:`_following_shift` and, when there is one, its reading as an affine map."""
         if fused_activation(mul) != "NONE" or graph.is_graph_output(mul.outputs[0]):
-            return None
+            return None, None
         users = graph.consumers_of(mul.outputs[0])
         if len(users) != 1 or users[0].opcode.name not in ("ADD", "SUB"):
-            return None
+            return None, None
         try:
             affine = affine_of(graph, users[0])
         except Decline:
-            return None
+            return None, None
         if np.any(affine.scale != 1) or fused_activation(users[0]) not in ("NONE", "RELU"):
-            return None
-        return users[0]
+            return None, None
+        return users[0], affine
 
 
 class MoveBareScaleForward(MoveScaleForward):
@@ -615,7 +620,10 @@ def _adopt(plan: Plan, trial: Plan) -> None:
         setattr(plan, f.name, getattr(trial, f.name))
 
 
-def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]:
+Change = tuple[str, Table, np.ndarray, int]  # (bias or shift, op, new values, a shift's data)
+
+
+def materialize(graph: Graph, plan: Plan) -> list[Change]:
     """The new bias and ADD constants a plan makes, checked finite, before anything changes."""
 
     changes = []
@@ -624,21 +632,21 @@ def materialize(graph: Graph, plan: Plan) -> list[tuple[str, Table, np.ndarray]]
         channels = weights.shape[LAYERS[layer.opcode.name].output_channel_axis]
         bias = layer_bias(graph, layer, channels) + delta
         require_finite(bias)
-        changes.append(("bias", layer, bias))
+        changes.append(("bias", layer, bias, -1))
     for op, delta in plan.constant_deltas.values():
-        shift = affine_of(graph, op).shift + delta
+        affine = affine_of(graph, op)
+        shift = affine.shift + delta
         require_finite(shift)
-        changes.append(("shift", op, shift))
+        changes.append(("shift", op, shift, affine.data))
     return changes
 
 
-def apply_changes(graph: Graph, changes: list[tuple[str, Table, np.ndarray]]) -> None:
-
-    for kind, op, value in changes:
+def apply_changes(graph: Graph, changes: list[Change]) -> None:
+    """Make the changes :func:`materialize` planned (each op's own inputs: none changes another's)."""
+    for kind, op, value, data in changes:
         if kind == "bias":
             set_layer_bias(graph, op, value)
         else:
-            data = affine_of(graph, op).data
             make_linear(graph, op, "ADD", data, value, activation_code(op))
 
 
@@ -666,7 +674,9 @@ class PushShiftBackward(Rule):
                 affine = affine_of(graph, op)
             except Decline:
                 continue
-            if np.any(affine.scale != 1) or fused_activation(op) not in ("NONE", "RELU"):
+            if fused_activation(op) not in ("NONE", "RELU") or (
+                op.opcode.name == "SUB" and np.any(affine.scale != 1)  # constant - x
+            ):
                 continue
             if _after_own_scale(graph, affine.data):
                 continue  # the BN's MUL is still there: move_scale_forward says why
@@ -688,14 +698,14 @@ class PushShiftBackward(Rule):
                 if id(op) in plan.constant_deltas:
                     raise Decline("the compensation would reach this ADD itself")
                 changes = materialize(graph, plan)
-                reason = ctx.excluded(graph, *(op for _, op, _ in changes))
+                reason = ctx.excluded(graph, *(change[1] for change in changes))
                 if reason:
                     raise Decline(reason)
             except Decline as decline:
                 self.declined(graph, ctx, op, f"shift not pushed backward: {decline}")
                 continue
             labels = self.labels(graph, [op])
-            changed = self.labels(graph, [target for _, target, _ in changes])
+            changed = self.labels(graph, [change[1] for change in changes])
             walks.forget()  # the graph changes: what failed may pass now
             apply_changes(graph, changes)
             if fused_activation(op) == "RELU":

@@ -244,8 +244,28 @@ def per_channel_vector(graph: Graph, tensor: int, channels: int, rank: int) -> n
     """
     value = require_float_constant(graph, tensor, "constant operand")
     require_per_channel_shape(graph, tensor, value.shape, channels, rank)
+    return _channel_values(value, channels)
+
+
+def _channel_values(value: np.ndarray, channels: int) -> np.ndarray:
+    """A per-channel constant's values as a float64 vector of ``channels`` entries, its own."""
     vector = value.astype(np.float64).reshape(-1)  # a copy of its own
     return vector if len(vector) == channels else np.full(channels, vector[0])
+
+
+_UNITS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _units(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only float64 ones and zeros of ``length`` (shared: nobody writes into them)."""
+    pair = _UNITS.get(length)
+    if pair is None:
+        if len(_UNITS) >= 256:
+            _UNITS.clear()
+        ones, zeros = np.ones(length), np.zeros(length)
+        ones.flags.writeable = zeros.flags.writeable = False
+        pair = _UNITS[length] = (ones, zeros)
+    return pair
 
 
 @dataclass
@@ -266,6 +286,8 @@ def affine_of(graph: Graph, op: Table, any_axis: bool = False) -> Affine:
     By default the constant must run along the last (NHWC channel) axis. With ``any_axis`` it
     may run along any one axis (``[1, C, 1, 1]``, ``[1, C, 1]`` as converters from PyTorch write
     them); ``Affine.axis`` then says which (None for a single value).
+
+    The all-ones scale of an ADD and the all-zeros shift of a MUL are shared read-only arrays.
     """
     kind = op.opcode.name
     if kind not in LINEAR_OPS or len(op.inputs) != 2 or len(op.outputs) != 1:
@@ -275,22 +297,29 @@ def affine_of(graph: Graph, op: Table, any_axis: bool = False) -> Affine:
     if const_a == const_b:
         raise Decline(f"{kind} has {'two' if const_a else 'no'} constant operands")
     data, const = (b, a) if const_a else (a, b)
-    require_float32(graph, data, f"{kind} input")
-    require_float32(graph, op.outputs[0], f"{kind} output")
-    out_shape = graph.shape(op.outputs[0])
-    if graph.shape(data) != out_shape or not out_shape:
+    tensors, out = graph.tensors, op.outputs[0]
+    if tensors[data].type != "FLOAT32":
+        require_float32(graph, data, f"{kind} input")
+    if tensors[out].type != "FLOAT32":
+        require_float32(graph, out, f"{kind} output")
+    out_shape = tensors[out].shape
+    if not out_shape or list(tensors[data].shape or []) != list(out_shape):
         raise Decline(
             f"the constant of {kind} broadcasts its input {graph.name(data)!r} to a larger shape"
         )
     if any_axis:
-        value, axis = per_axis_vector(graph, const, out_shape)
+        value, axis = per_axis_vector(graph, const, list(out_shape))
     else:
-        value, axis = per_channel_vector(graph, const, out_shape[-1], len(out_shape)), -1
-    if not np.isfinite(value).all():
+        require_float32(graph, const, "constant operand")  # a constant: neither sparse nor a string
+        value = graph.constant(const)
+        require_per_channel_shape(graph, const, value.shape, out_shape[-1], len(out_shape))
+        value, axis = _channel_values(value, out_shape[-1]), -1
+    # float32 values in float64 sum to a finite value unless one of them is NaN or infinite
+    if not math.isfinite(float(np.add.reduce(value))):
         # 0 * NaN is NaN: moved, merged or folded elsewhere, it would meet other values (a
         # zero PAD's border, a bias) than where the model applies it
         raise Decline(f"constant {graph.name(const)!r} of {kind} holds NaN or infinity")
-    ones, zeros = np.ones(len(value)), np.zeros(len(value))
+    ones, zeros = _units(len(value))
     if kind == "MUL":
         return Affine(op, data, value, zeros, axis)
     if kind == "ADD":
