@@ -438,3 +438,32 @@ def test_the_replaced_output_is_freed_in_the_background_and_nothing_leaks(tmp_pa
     out.write_bytes(b"small")  # under 1 MiB: replaced as before, no thread
     api.optimize_file(path, out)
     assert len(closed) == 1 and out.read_bytes()[4:8] == b"TFL3"
+
+
+def test_background_releases_work_at_exit_and_in_a_forked_child(tmp_path):
+    """The closing thread is a daemon drained at exit, and a forked child (verify forks) gets
+    its own: replacing large outputs in both and waiting there neither hangs nor fails."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(chef.cook(RECIPES / "Net_Conv_Add_Mul_000")[0])
+    script = f"""
+import os, sys
+from tfl_fuse import api
+src, a, b = {str(path)!r}, {str(tmp_path / "a.tflite")!r}, {str(tmp_path / "b.tflite")!r}
+for out in (a, b):
+    open(out, "wb").write(b"x" * (api.RELEASE_IN_BACKGROUND_BYTES + 1))
+api.optimize_file(src, a)
+pid = os.fork()
+if pid == 0:
+    api.optimize_file(src, b)
+    api.wait_for_releases()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    for name in ("a.tflite", "b.tflite"):
+        assert (tmp_path / name).read_bytes() == tfl_fuse.optimize(path.read_bytes())[0]
