@@ -67,6 +67,7 @@ def optimize_one(
                     raise ModelError(f"cannot write {target}: {error.strerror or error}") from None
                 row["output"] = target
             report["output"] = target
+            del image  # its views of the input: the map can be unmapped at once
         row.update(status="ok", report=report)
     except VerificationError as error:
         row.update(status="mismatch", error=str(error), report=error.report)

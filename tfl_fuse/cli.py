@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                     write_atomically(args.output, image, source_fd, options.durable)
                 except OSError as error:
                     return _fail(f"cannot write {args.output}: {error.strerror or error}")
+            del image  # its views of the input: the map can be unmapped at once
     except ModelError as error:
         message = str(error)
         return _fail(message if str(args.input) in message else f"{args.input}: {message}")
