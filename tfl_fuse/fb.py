@@ -283,7 +283,7 @@ def collector_paused() -> Iterator[None]:
     Decoding makes tens of thousands of dicts and lists and frees none of them; each
     collection the allocations trigger would walk all of them again (a third of the decoding
     time on a 6,000-op model) to find no garbage. A whole run makes no cyclic garbage either
-    (none on the bench's models), so reference counting still frees everything. The
+    (test_recipes checks every recipe's run), so reference counting still frees everything. The
     collector is re-enabled afterwards, and left alone if the caller had turned it off.
     """
     if not gc.isenabled():

@@ -102,7 +102,7 @@ class Walks:
     decision and its message are then the walk's own.
     """
 
-    failed: dict[tuple, tuple[Structural, int, frozenset]] = field(default_factory=dict)
+    failed: dict[tuple, tuple[tuple, int, frozenset]] = field(default_factory=dict)
     contextual: int = 0
     trace: list[int] = field(default_factory=list)  # tensors the walks looked at, in order
     deepest: int = 0
@@ -380,11 +380,11 @@ def push_shift(
     key = (tensor, id(exclude), (delta != 0).tobytes())
     known = walks.failed.get(key)
     if known is not None:
-        error, reach, seen = known
+        args, reach, seen = known
         if depth + reach <= MAX_DEPTH and seen.isdisjoint(plan.visited):
             walks.trace.extend(seen)
             walks.deepest = max(walks.deepest, depth + reach)
-            raise Structural(*error.args)
+            raise Structural(*args)
     contextual, start, deepest = walks.contextual, len(walks.trace), walks.deepest
     walks.deepest = depth
     try:
@@ -392,7 +392,9 @@ def push_shift(
     except Structural as error:
         if walks.contextual == contextual:
             seen = frozenset(walks.trace[start:])
-            walks.failed[key] = (error, walks.deepest - depth, seen)
+            # its words, not the exception: that holds the walk's frames, which hold ``walks``
+            # (a cycle keeping the whole model alive until the cycle collector runs)
+            walks.failed[key] = (error.args, walks.deepest - depth, seen)
         raise
     finally:
         walks.deepest = max(deepest, walks.deepest)
@@ -444,7 +446,7 @@ def _push_shift(
             try:
                 push_shift(graph, branch, delta, trial, producer, depth + 1, walks)
             except Decline as decline:
-                errors.append(decline)
+                errors.append(str(decline))  # not the exception: it holds this frame
                 if not isinstance(decline, Structural):
                     walks.contextual += 1  # another walk may take this branch
                 continue
@@ -452,7 +454,7 @@ def _push_shift(
             break
         else:
             raise Structural(
-                f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(map(str, errors))})"
+                f"no branch of the residual {kind} {graph.name(tensor)!r} takes the shift ({'; '.join(errors)})"
             )
     elif (
         kind in ("ADD", "SUB")
