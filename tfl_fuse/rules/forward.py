@@ -150,8 +150,8 @@ def plan_consumer(
         raise Decline(
             f"{kind} reads {graph.name(data_tensor)!r} as something other than its data input"
         )
-    has_shift = bool(np.any(affine.shift))
-    has_scale = bool(np.any(affine.scale != 1))
+    has_shift = bool(affine.shift.any())
+    has_scale = bool((affine.scale != 1).any())
     if has_shift:
         if kind == "TRANSPOSE_CONV":
             raise Decline(

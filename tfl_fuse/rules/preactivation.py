@@ -45,7 +45,7 @@ from .predicates import (
     fused_activation,
     has_fused_activation_slot,
     is_float_constant,
-    layer_weights,
+    layer_weight_shape,
     require_finite,
     require_float32,
     spatial_padding_is_zero,
@@ -173,7 +173,7 @@ def plan_scale(
         elif crosses_with_the_scale(graph, consumer, tensor):
             require_float32(graph, consumer.outputs[0], f"{kind} output")
             order_based = kind == "MAX_POOL_2D" or fused_activation(consumer) == "RELU"
-            if order_based and np.any(scale < 0):
+            if order_based and (scale < 0).any():
                 raise Decline(f"{kind} (max or fused RELU) does not commute with a negative scale")
             if kind == "PAD" and np.any(constant):
                 raise Decline(
@@ -186,7 +186,7 @@ def plan_scale(
                 raise Decline(
                     "a channel with scale 0 holds a constant, which a product does not keep"
                 )
-            if fused_activation(consumer) == "RELU" and np.any(scale < 0):
+            if fused_activation(consumer) == "RELU" and (scale < 0).any():
                 raise Decline("MUL with fused RELU does not commute with a negative scale")
             plan_scale(graph, consumer.outputs[0], scale, plan, depth + 1)
         else:
@@ -264,14 +264,14 @@ class MoveScaleForward(Rule):
                 relu = mul_act == "RELU" or (
                     shift_op is not None and fused_activation(shift_op) == "RELU"
                 )
-                if relu and np.any(scale < 0):
+                if relu and (scale < 0).any():
                     bad = np.flatnonzero(scale < 0)
                     raise Decline(
                         f"scale is not positive in {len(bad)} channel(s) (first: {int(bad[0])}: "
                         f"{scale[bad[0]]:.3g}), so it cannot pass the RELU"
                     )
                 zero = scale == 0
-                if np.any(zero) and not relu:
+                if zero.any() and not relu:
                     raise Decline("scale is zero in some channel")
                 plan = Plan(target=ctx.target)
                 if shift_op is None:  # relu(0 * x) = 0: a zero-scale channel holds 0
@@ -343,7 +343,7 @@ class MoveScaleForward(Rule):
             affine = affine_of(graph, users[0])
         except Decline:
             return None, None
-        if np.any(affine.scale != 1) or fused_activation(users[0]) not in ("NONE", "RELU"):
+        if (affine.scale != 1).any() or fused_activation(users[0]) not in ("NONE", "RELU"):
             return None, None
         return users[0], affine
 
@@ -429,7 +429,7 @@ def _push_shift(
         )
     if kind in LAYERS:
         require_float32(graph, tensor, f"{kind} output")
-        layer_weights(graph, producer)
+        layer_weight_shape(graph, producer)  # not its values: folded ones would be computed
         plan.add_bias(producer, delta)
     elif kind in ("ADD", "SUB") and all(
         t >= 0 and not graph.is_constant(t) for t in producer.inputs
@@ -463,7 +463,7 @@ def _push_shift(
     ):
         affine = affine_of(graph, producer)
         plan.add_constant(producer, delta)
-        if np.any(affine.scale != 1):
+        if (affine.scale != 1).any():
             raise Decline("SUB from a constant")
     elif kind in SHIFT_COMMUTING:
         push_shift(graph, producer.inputs[0], delta, plan, producer, depth + 1, walks)
@@ -559,7 +559,7 @@ def compensate(
             push_shift(graph, others[0], sign * delta, plan, consumer, depth + 1, walks)
         elif kind in ("ADD", "SUB") and len(others) == 1 and graph.is_constant(others[0]):
             affine = affine_of(graph, consumer)
-            if np.any(affine.scale != 1):
+            if (affine.scale != 1).any():
                 raise Decline("SUB from a constant reads the shifted tensor")
             plan.add_constant(consumer, -delta)
         elif (
@@ -596,11 +596,10 @@ def compensate(
             _, bias = plan_consumer(
                 graph, consumer, Affine(consumer, tensor, np.ones_like(delta), -delta), tensor
             )
-            weights = layer_weights(graph, consumer)
-
+            shape = layer_weight_shape(graph, consumer)
             plan.add_bias(
                 consumer,
-                bias - layer_bias(graph, consumer, weights.shape[LAYERS[kind].output_channel_axis]),
+                bias - layer_bias(graph, consumer, shape[LAYERS[kind].output_channel_axis]),
             )
         elif kind in ("RELU", "RELU6", "RELU_N1_TO_1"):
             raise Structural(
@@ -630,8 +629,8 @@ def materialize(graph: Graph, plan: Plan) -> list[Change]:
 
     changes = []
     for layer, delta in plan.bias_deltas.values():
-        weights = graph.constant(layer.inputs[LAYERS[layer.opcode.name].weight_input])
-        channels = weights.shape[LAYERS[layer.opcode.name].output_channel_axis]
+        layout = LAYERS[layer.opcode.name]
+        channels = graph.shape(layer.inputs[layout.weight_input])[layout.output_channel_axis]
         bias = layer_bias(graph, layer, channels) + delta
         require_finite(bias)
         changes.append(("bias", layer, bias, -1))
@@ -677,7 +676,7 @@ class PushShiftBackward(Rule):
             except Decline:
                 continue
             if fused_activation(op) not in ("NONE", "RELU") or (
-                op.opcode.name == "SUB" and np.any(affine.scale != 1)  # constant - x
+                op.opcode.name == "SUB" and (affine.scale != 1).any()  # constant - x
             ):
                 continue
             if _after_own_scale(graph, affine.data):

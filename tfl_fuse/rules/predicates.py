@@ -57,21 +57,30 @@ WEIGHT_RANK = {
 
 def layer_weights(graph: Graph, layer: Table) -> np.ndarray:
     """A layer's float32 constant weights, checked against its operand list and output shape."""
+    layer_weight_shape(graph, layer)
+    return graph.constant(layer.inputs[LAYERS[layer.opcode.name].weight_input])
+
+
+def layer_weight_shape(graph: Graph, layer: Table) -> list[int]:
+    """:func:`layer_weights`' checks and the weights' shape, without reading them: weights a
+    fold changed are computed only when read (:class:`~tfl_fuse.model.ScaledProduct`)."""
     kind = layer.opcode.name
     layout = LAYERS[kind]
     if len(layer.inputs) <= max(layout.data_input, layout.weight_input) or len(layer.outputs) != 1:
         raise Decline(f"{kind} has an unexpected operand list")
     if layer.get("builtinOptions") is None:
         raise Decline(f"{kind} has no options")
-    weights = require_float_constant(graph, layer.inputs[layout.weight_input], "weights")
-    if weights.ndim != WEIGHT_RANK[kind]:
-        raise Decline(f"{kind} weights have rank {weights.ndim}, expected {WEIGHT_RANK[kind]}")
+    tensor = layer.inputs[layout.weight_input]
+    require_float_constant_tensor(graph, tensor, "weights")
+    shape = graph.shape(tensor)  # its data's size (validated when decoded, kept by rules)
+    if len(shape) != WEIGHT_RANK[kind]:
+        raise Decline(f"{kind} weights have rank {len(shape)}, expected {WEIGHT_RANK[kind]}")
     out_shape = graph.shape(layer.outputs[0])
-    if not out_shape or out_shape[-1] != weights.shape[layout.output_channel_axis]:
+    if not out_shape or out_shape[-1] != shape[layout.output_channel_axis]:
         raise Decline(
             f"{kind} weights do not match its output's {out_shape[-1:] or 'missing'} channels"
         )
-    return weights
+    return shape
 
 
 # Elementwise ops whose float kernels in LiteRT apply a fused activation.
@@ -141,6 +150,12 @@ def is_float_constant(graph: Graph, tensor: int) -> bool:
 
 
 def require_float_constant(graph: Graph, tensor: int, what: str) -> np.ndarray:
+    require_float_constant_tensor(graph, tensor, what)
+    return graph.constant(tensor)
+
+
+def require_float_constant_tensor(graph: Graph, tensor: int, what: str) -> None:
+    """Decline unless ``tensor`` is a dense float32 constant (its value not read)."""
     if graph.tensors[tensor].get("sparsity") is not None:
         raise Decline(f"the {what} {graph.name(tensor)!r} is sparse")
     if not graph.is_constant(tensor):
@@ -148,7 +163,6 @@ def require_float_constant(graph: Graph, tensor: int, what: str) -> np.ndarray:
         how = f"computed by {producer.opcode.name}" if producer is not None else "not a constant"
         raise Decline(f"the {what} {graph.name(tensor)!r} is {how}")
     require_float32(graph, tensor, what)
-    return graph.constant(tensor)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
