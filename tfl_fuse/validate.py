@@ -294,6 +294,8 @@ def validate(model: Model) -> None:
             _check_arity(op, subgraph.tensors, model.buffers, op_where)
             _check_options(op, expected_options.get(op.opcode.name), op_where, fmt)
             for options in (op.get("builtinOptions"), op.get("builtinOptions2")):
+                if options is None or _reference_fields(fmt, options._type) == ():
+                    continue  # (most options tables name no subgraph)
                 for name, value in _subgraph_references(options, fmt):
                     _check_index(value, n_subgraphs, f"{op_where} {name}")
         producer = _check_acyclic(subgraph, where)
@@ -447,15 +449,26 @@ def _check_options(
         if options._type != wanted:
             takes = f"takes {wanted}" if wanted else "takes no options table there"
             raise ModelError(f"{where} carries {options._type}, but {op.opcode.name} {takes}")
-        for name in POSITIVE_FIELDS:
+        for name in _positive_fields(options._type):
             value = options.get(name)
             if value is not None and value < 1:
                 raise ModelError(f"{where}: {options._type}.{name} is {value}, must be >= 1")
 
 
+@cache
+def _positive_fields(table: str) -> tuple[str, ...]:
+    """The POSITIVE_FIELDS an options table has (in any format's schema)."""
+    layouts = [fmt.layout(table) for fmt in formats.BY_IDENTIFIER.values()]
+    return tuple(
+        name
+        for name in POSITIVE_FIELDS
+        if any(layout is not None and name in layout.names for layout in layouts)
+    )
+
+
 def _check_tensor(model: Model, tensor: Table, where: str | _Place) -> None:
     shape = tensor.get("shape") or []
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise ModelError(f"{where} has a negative dimension in its shape {list(shape)}")
     data = model.buffers[tensor.buffer].data
     itemsize = FIXED_SIZE_TYPES.get(tensor.type)
