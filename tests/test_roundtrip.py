@@ -303,3 +303,105 @@ def test_batched_writes_survive_partial_writes(tmp_path, monkeypatch, most):
     assert out.read_bytes() == expected
     if most is None:  # MobileNetV2's 100-odd buffers and gaps: a few batches
         assert 0 < len(calls) < 20 and max(calls) > 10
+
+
+@pytest.fixture(scope="module")
+def preactivation_resnet(tmp_path_factory) -> tuple:
+    """ResNet50V2 (32x32): its folds change MBs of weights, written by the pipeline."""
+    path = tmp_path_factory.mktemp("pipeline") / "in.tflite"
+    path.write_bytes(
+        kerasmodels.application("ResNet50V2", input_shape=(32, 32, 3), seed=3).read_bytes()
+    )
+    return path, bytes(tfl_fuse.optimize(path.read_bytes())[0])
+
+
+@pytest.mark.parametrize("most", [None, 1, 100_003])
+def test_folded_weights_are_written_by_a_thread_of_their_own(
+    tmp_path, monkeypatch, preactivation_resnet, most
+):
+    """Where folds changed 1 MiB or more, a writing thread writes while the caller computes the
+    next piece of folded weights: the bytes are those of the in-memory encoding, also when
+    writes are cut short (every other call at most ``most`` bytes), and the thread is gone
+    afterwards. Under the threshold everything is written by the caller."""
+    import threading
+
+    path, expected = preactivation_resnet
+    writers = []
+    real = os.write
+
+    def write(fd, view):
+        writers.append(threading.current_thread().name)
+        if most is not None and len(writers) % 2 == 0:
+            view = memoryview(view)[:most]
+        return real(fd, view)
+
+    monkeypatch.setattr(os, "write", write)
+    tfl_fuse.optimize_file(path, tmp_path / "piped.tflite")
+    assert (tmp_path / "piped.tflite").read_bytes() == expected
+    assert writers and set(writers) == {"tfl_fuse-write"}  # pieces of folded weights
+    assert not [t for t in threading.enumerate() if t.name == "tfl_fuse-write"]
+
+    writers.clear()
+    monkeypatch.setattr(fb, "PIPELINE_MIN_BYTES", 1 << 40)
+    tfl_fuse.optimize_file(path, tmp_path / "inline.tflite")
+    assert (tmp_path / "inline.tflite").read_bytes() == expected
+    assert writers and set(writers) == {threading.current_thread().name}
+
+
+def test_a_failed_write_on_the_writing_thread_fails_the_run(
+    tmp_path, monkeypatch, preactivation_resnet
+):
+    """A write that fails on the writing thread (a full disk) is raised by the caller, later
+    writes are skipped, OUT keeps what it had and no temp file or thread is left; so is a
+    failure of the caller's while the thread writes."""
+    import errno
+    import threading
+
+    from tfl_fuse import model
+
+    path, expected = preactivation_resnet
+    out = tmp_path / "out.tflite"
+    out.write_bytes(b"previous")
+    calls = []
+    real = os.write
+
+    def full_disk(fd, view):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, view)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tfl_fuse.optimize_file(path, out)
+    assert len(calls) == 3  # nothing written after the failure
+    monkeypatch.setattr(os, "write", real)
+
+    starts = []
+    monkeypatch.setattr(fb, "_writeback_starter", lambda: lambda *args: starts.append(args[1:]))
+    tfl_fuse.optimize_file(path, tmp_path / "spied.tflite")
+    (tmp_path / "spied.tflite").unlink()
+
+    def failing_last_writeback(fd, offset, count):  # queued after the caller's last look
+        if (offset, count) == starts[-1]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fb, "_writeback_starter", lambda: failing_last_writeback)
+    with pytest.raises(OSError, match="Input/output error"):
+        tfl_fuse.optimize_file(path, out)
+    monkeypatch.undo()
+
+    real_pieces = model.ScaledProduct._pieces
+
+    def failing_pieces(self, take=None):
+        for count, piece in enumerate(real_pieces(self, take)):
+            if count == 2:
+                raise MemoryError
+            yield piece
+
+    monkeypatch.setattr(model.ScaledProduct, "_pieces", failing_pieces)
+    with pytest.raises(MemoryError):
+        tfl_fuse.optimize_file(path, out)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tflite"]
+    assert not [t for t in threading.enumerate() if t.name == "tfl_fuse-write"]

@@ -23,8 +23,10 @@ import functools
 import gc
 import mmap
 import os
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from . import formats
 from .formats import SCALAR, STRING, TABLE, TABLES, UNION, VECTOR, Format
 from .model import (
     MADV_POPULATE_READ,
+    SCALE_CHUNK_VALUES,
     Model,
     ModelError,
     OpCode,
@@ -465,46 +468,70 @@ class Encoded:
         152 -> 130 ms (12 interleaved runs each).
 
         Data up to MAPPED_WRITE_STEP and the image between goes out in batches of that size,
-        one writev each (:class:`_Batch`).
+        one writev each (:class:`_Batch`). Where folds changed PIPELINE_MIN_BYTES or more,
+        the writing is done by a thread of its own (:class:`_Pipeline`), in order, while this
+        one computes the next piece of folded weights.
         """
+        folded = sum(
+            len(data)
+            for _, data, _ in self.holes
+            if isinstance(data, ScaledProduct) and data._value is None
+        )
+        pipeline = _Pipeline() if folded >= PIPELINE_MIN_BYTES else None
+        done = False
+        try:
+            self._write(fd, source_fd, writeback, pipeline)
+            done = True
+        finally:
+            if pipeline is not None:
+                pipeline.close(done)
+
+    def _write(
+        self, fd: int, source_fd: int | None, writeback: bool, pipeline: _Pipeline | None
+    ) -> None:
+        run = _run_now if pipeline is None else pipeline.submit
         position = flushed = 0
         start_writeback = _writeback_starter() if writeback else None
         batch = _Batch(fd)
         small = min(MAPPED_WRITE_STEP, MAPPED_WRITE_BYTES)
+
+        def flush() -> None:
+            nonlocal batch
+            if batch.views:
+                run(batch.flush)
+                batch = _Batch(fd)
+
         for start, data, source_offset in self.holes:
+            if pipeline is not None:
+                pipeline.check()
             self._gap(batch, position, start)
             if isinstance(data, ScaledProduct):
-                batch.flush()
-                for piece in data.pieces():  # computed as written, through a reused scratch
-                    _write_all(fd, piece)
+                flush()
+                if pipeline is None:
+                    for piece in data.pieces():  # computed as written, through a reused scratch
+                        _write_all(fd, piece)
+                else:
+                    for piece, owner in data.pieces_into(pipeline.take):
+                        pipeline.submit(functools.partial(_write_all, fd, piece), owner)
             elif len(data) <= small or (source_offset is None and len(data) <= MAPPED_WRITE_STEP):
                 batch.add(data)  # unchanged input data from the map, or a rule's new array
             else:
-                batch.flush()
-                if (
-                    source_offset is not None
-                    and len(data) <= MAPPED_WRITE_BYTES
-                    and _write_mapped(fd, data)
-                ):
-                    pass  # unchanged input under 64 MiB: written from the input's map
-                elif source_offset is not None and source_fd is not None:
-                    _send_all(fd, source_fd, source_offset, len(data))
-                else:
-                    _write_all(fd, memoryview(data).cast("B"))
+                flush()
+                run(functools.partial(_write_large, fd, data, source_fd, source_offset))
             position = start + len(data)
             if batch.size >= MAPPED_WRITE_STEP or len(batch.views) >= WRITEV_MAX_VIEWS:
-                batch.flush()
+                flush()
             if (
                 start_writeback is not None
                 and not batch.views
                 and position - flushed >= WRITEBACK_STEP
             ):
-                start_writeback(fd, flushed, position - flushed)
+                run(functools.partial(start_writeback, fd, flushed, position - flushed))
                 flushed = position
         self._gap(batch, position, self.size)
-        batch.flush()
+        flush()
         if start_writeback is not None and self.size - flushed >= WRITEBACK_STEP:
-            start_writeback(fd, flushed, self.size - flushed)
+            run(functools.partial(start_writeback, fd, flushed, self.size - flushed))
 
     def _gap(self, batch: _Batch, start: int, end: int) -> None:
         if end > start:
@@ -514,6 +541,89 @@ class Encoded:
             padding = end - max(start, len(self.image))
             if padding > 0:
                 batch.add_view(memoryview(bytes(padding)))
+
+
+def _run_now(call: Callable[[], Any], owner: Any = None) -> None:
+    call()
+
+
+def _write_large(
+    fd: int, data: np.ndarray, source_fd: int | None, source_offset: int | None
+) -> None:
+    """Buffer data larger than a batch: unchanged input under 64 MiB from the input's map,
+    larger from the input file in the kernel, a rule's new array from memory."""
+    if source_offset is not None and len(data) <= MAPPED_WRITE_BYTES and _write_mapped(fd, data):
+        return
+    if source_offset is not None and source_fd is not None:
+        _send_all(fd, source_fd, source_offset, len(data))
+    else:
+        _write_all(fd, memoryview(data).cast("B"))
+
+
+PIPELINE_MIN_BYTES = 1 << 20
+PIPELINE_BUFFERS = 4
+
+
+class _Pipeline:
+    """A writing thread fed in order, so that computing folded weights (numpy, which lets go of
+    the interpreter lock) and writing them (the kernel's copy) overlap on two cores:
+    DenseNet121's write of 23 MB of folded weights 17.5 -> 14.4 ms (24 interleaved runs).
+
+    The pieces are computed into a few buffers of its own, each handed back once written. The
+    first failure of a write is kept, later writes are skipped, and :meth:`close` raises it.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.buffers: set[int] = set()
+        for _ in range(PIPELINE_BUFFERS):
+            buffer = np.empty(SCALE_CHUNK_VALUES, np.float32)
+            self.buffers.add(id(buffer))
+            self.free.put(buffer)
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._run, name="tfl_fuse-write", daemon=True)
+        self.thread.start()
+
+    def take(self) -> np.ndarray:
+        """A free buffer (waits until a piece written hands one back)."""
+        return self.free.get()
+
+    def submit(self, call: Callable[[], Any], owner: Any = None) -> None:
+        """Run ``call`` after everything submitted before; ``owner``: the memory it writes,
+        given back to the free buffers afterwards when it is one of them."""
+        self.queue.put((call, owner if id(owner) in self.buffers else None))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            call, buffer = item
+            try:
+                if self.error is None and not self.abandoned:
+                    call()
+            except BaseException as error:  # noqa: BLE001 - raised again by close()
+                self.error = error
+            finally:
+                del call
+                if buffer is not None:
+                    self.free.put(buffer)
+
+    def close(self, done: bool) -> None:
+        """Wait for the writes; raise the first failure. Not ``done``: the caller failed,
+        so what is still queued is skipped."""
+        if not done:
+            self.abandoned = True
+        self.queue.put(None)
+        self.thread.join()
+        if done:
+            self.check()
 
 
 WRITEV_MAX_VIEWS = 512  # below every IOV_MAX (Linux: 1024)

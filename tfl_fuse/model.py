@@ -21,7 +21,7 @@ import contextlib
 import math
 import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,7 +255,18 @@ class ScaledProduct:
         for piece in self._pieces():
             yield memoryview(piece.reshape(-1).view(np.uint8))
 
-    def _pieces(self) -> Iterator[np.ndarray]:
+    def pieces_into(self, take: Callable[[], np.ndarray]) -> Iterator[tuple[memoryview, Any]]:
+        """:meth:`pieces`, each computed into a buffer ``take()`` gives (a float32 array of
+        SCALE_CHUNK_VALUES values), so that a piece stays valid while the next is computed.
+        Yields (piece, the array that owns its memory: a buffer taken, or one of its own)."""
+        if self._value is not None:
+            yield memoryview(self._value.reshape(-1).view(np.uint8)), self._value
+            return
+        for piece in self._pieces(take):
+            owner = piece if piece.base is None else piece.base
+            yield memoryview(piece.reshape(-1).view(np.uint8)), owner
+
+    def _pieces(self, take: Callable[[], np.ndarray] | None = None) -> Iterator[np.ndarray]:
         source, factors = self.source, self.factors
         if source.ndim == 0:
             yield np.multiply(source, factors, dtype=np.float64).astype(np.float32).reshape(1)
@@ -271,7 +282,12 @@ class ScaledProduct:
         for start in range(0, len(source), rows):
             part = slice(start, start + rows)
             block = source[part]
-            out = _scratch_array(block.shape) if small else np.empty(block.shape, np.float32)
+            if not small:
+                out = np.empty(block.shape, np.float32)
+            elif take is None:
+                out = _scratch_array(block.shape)
+            else:
+                out = take()[: block.size].reshape(block.shape)
             near = factors[part] if per_row else factors
             if exact32:
                 np.multiply(block, near, out=out)  # the same bits (see __init__)
