@@ -515,3 +515,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
     assert result.returncode == 0, result.stderr
     for name in ("a.tflite", "b.tflite"):
         assert (tmp_path / name).read_bytes() == tfl_fuse.optimize(path.read_bytes())[0]
+
+
+def test_a_tflite_run_does_not_load_the_circle_schema(tmp_path):
+    """The circle schema is imported only for circle models: loading it costs a TFLite run
+    3.7 MB of memory (MobileNetV2's peak RSS 44.7 -> 48.4 MB when validation once asked it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(chef.cook(RECIPES / "Net_Preactivation_BN_000")[0])
+    script = (
+        "import sys, tfl_fuse\n"
+        f"tfl_fuse.optimize_file({str(path)!r}, {str(tmp_path / 'out.tflite')!r})\n"
+        "sys.exit(any(name.startswith('circle_schema') for name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -449,21 +449,18 @@ def _check_options(
         if options._type != wanted:
             takes = f"takes {wanted}" if wanted else "takes no options table there"
             raise ModelError(f"{where} carries {options._type}, but {op.opcode.name} {takes}")
-        for name in _positive_fields(options._type):
+        for name in _positive_fields(fmt, options._type):
             value = options.get(name)
             if value is not None and value < 1:
                 raise ModelError(f"{where}: {options._type}.{name} is {value}, must be >= 1")
 
 
 @cache
-def _positive_fields(table: str) -> tuple[str, ...]:
-    """The POSITIVE_FIELDS an options table has (in any format's schema)."""
-    layouts = [fmt.layout(table) for fmt in formats.BY_IDENTIFIER.values()]
-    return tuple(
-        name
-        for name in POSITIVE_FIELDS
-        if any(layout is not None and name in layout.names for layout in layouts)
-    )
+def _positive_fields(fmt: formats.Format, table: str) -> tuple[str, ...]:
+    """The POSITIVE_FIELDS an options table of ``fmt`` has (all of them where the schema
+    lacks the table: then its fields are whatever was read)."""
+    layout = fmt.layout(table)
+    return tuple(name for name in POSITIVE_FIELDS if layout is None or name in layout.names)
 
 
 def _check_tensor(model: Model, tensor: Table, where: str | _Place) -> None:
