@@ -405,3 +405,42 @@ def test_a_failed_write_on_the_writing_thread_fails_the_run(
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tflite"]
     assert not [t for t in threading.enumerate() if t.name == "tfl_fuse-write"]
+
+
+def test_the_writing_thread_holds_few_pieces_however_large_the_layer(tmp_path, monkeypatch):
+    """Rows too large for the writing thread's buffers get memory of their own; the caller
+    waits while four of them are queued, so a huge layer is not computed ahead into memory."""
+    import threading
+    import time
+
+    from tfl_fuse import model
+
+    monkeypatch.setattr(model, "SCALE_CHUNK_VALUES", 16)  # every 32-value row is too large
+    monkeypatch.setattr(fb, "PIPELINE_MIN_BYTES", 0)
+    source = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    product = model.ScaledProduct(source, np.linspace(0.5, 2.0, 32))
+    expected = model.ScaledProduct(source, np.linspace(0.5, 2.0, 32)).value().tobytes()
+    live, most = [0], [0]
+    real_pieces = model.ScaledProduct._pieces
+
+    def counted(self, take=None):
+        for piece in real_pieces(self, take):
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            yield piece
+
+    real_write = fb._write_all
+
+    def slow_write(fd, view):
+        time.sleep(0.002)
+        real_write(fd, view)
+        live[0] -= 1
+
+    monkeypatch.setattr(model.ScaledProduct, "_pieces", counted)
+    monkeypatch.setattr(fb, "_write_all", slow_write)
+    path = tmp_path / "product.bin"
+    with path.open("wb") as out:
+        fb.Encoded(memoryview(b""), [(0, product, None)], product.nbytes).write(out.fileno())
+    assert path.read_bytes() == expected
+    assert 1 < most[0] <= fb.PIPELINE_BUFFERS + 1
+    assert not [t for t in threading.enumerate() if t.name == "tfl_fuse-write"]

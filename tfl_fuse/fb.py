@@ -569,8 +569,10 @@ class _Pipeline:
     the interpreter lock) and writing them (the kernel's copy) overlap on two cores:
     DenseNet121's write of 23 MB of folded weights 17.5 -> 14.4 ms (24 interleaved runs).
 
-    The pieces are computed into a few buffers of its own, each handed back once written. The
-    first failure of a write is kept, later writes are skipped, and :meth:`close` raises it.
+    The pieces are computed into a few buffers of its own, each handed back once written; a
+    piece too large for them (a row of over SCALE_CHUNK_VALUES values) waits while as many are
+    queued, so memory stays bounded whatever the layer. The first failure of a write is kept,
+    later writes are skipped, and :meth:`close` raises it.
     """
 
     def __init__(self) -> None:
@@ -581,6 +583,7 @@ class _Pipeline:
             buffer = np.empty(SCALE_CHUNK_VALUES, np.float32)
             self.buffers.add(id(buffer))
             self.free.put(buffer)
+        self.own = threading.Semaphore(PIPELINE_BUFFERS)  # queued pieces of their own
         self.error: BaseException | None = None
         self.abandoned = False
         self.thread = threading.Thread(target=self._run, name="tfl_fuse-write", daemon=True)
@@ -591,9 +594,16 @@ class _Pipeline:
         return self.free.get()
 
     def submit(self, call: Callable[[], Any], owner: Any = None) -> None:
-        """Run ``call`` after everything submitted before; ``owner``: the memory it writes,
-        given back to the free buffers afterwards when it is one of them."""
-        self.queue.put((call, owner if id(owner) in self.buffers else None))
+        """Run ``call`` after everything submitted before; ``owner``: the memory of a piece it
+        writes, given back to the free buffers afterwards when it is one of them."""
+        if owner is None:
+            pooled = None
+        elif id(owner) in self.buffers:
+            pooled = True
+        else:
+            self.own.acquire()
+            pooled = False
+        self.queue.put((call, owner, pooled))
 
     def check(self) -> None:
         if self.error is not None:
@@ -604,16 +614,19 @@ class _Pipeline:
             item = self.queue.get()
             if item is None:
                 return
-            call, buffer = item
+            call, owner, pooled = item
             try:
                 if self.error is None and not self.abandoned:
                     call()
             except BaseException as error:  # noqa: BLE001 - raised again by close()
                 self.error = error
             finally:
-                del call
-                if buffer is not None:
-                    self.free.put(buffer)
+                del call, item
+                if pooled:
+                    self.free.put(owner)
+                elif pooled is not None:
+                    self.own.release()
+                del owner
 
     def close(self, done: bool) -> None:
         """Wait for the writes; raise the first failure. Not ``done``: the caller failed,
