@@ -68,8 +68,16 @@ MEASURE = (
 IN_PROCESS_RUNS = 9
 
 
+def settle() -> None:
+    """Write out every file's dirty pages before a timed command (untimed). tfl_fuse fsyncs
+    its output and ext4 then also writes what the command before left unwritten: LiteRT's
+    14 MB output made every other MobileNetV2 run 16 -> 30 ms. Each tool pays for its own."""
+    os.sync()
+
+
 def run_measured(command: list[str]) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a command run in a fresh process."""
+    settle()
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, check=True
     )
@@ -115,9 +123,11 @@ def tool_cost(path: Path, work: Path, repeats: int, baseline_rss: int) -> dict:
 
     in_ours, in_theirs = [], []
     for _ in range(max(repeats, IN_PROCESS_RUNS)):
+        settle()
         start = time.perf_counter()
         tfl_fuse.optimize_file(path, work / "ours_inproc.tflite")
         in_ours.append(time.perf_counter() - start)
+        settle()
         start = time.perf_counter()
         flatbuffer_utils.write_model(
             flatbuffer_utils.read_model(str(path)), str(work / "theirs_inproc.tflite")
@@ -161,6 +171,7 @@ def phases(path: Path, work: Path, repeats: int) -> dict[str, float]:
     target = work / "phases.tflite"
     for _ in range(max(repeats, IN_PROCESS_RUNS)):
         target.unlink(missing_ok=True)  # optimize_file frees what it replaces in the background
+        settle()
         with api.open_model_file(path) as (data, fd), fb.collector_paused():
             start = time.perf_counter()
             model = fb.decode(data)  # validation included
@@ -179,6 +190,7 @@ def phases(path: Path, work: Path, repeats: int) -> dict[str, float]:
                 lap("fsync", start)
             finally:
                 os.close(out)
+        settle()
         start = time.perf_counter()
         model_t = flatbuffer_utils.read_model(str(path))
         start = lap("litert_read", start)
