@@ -362,7 +362,8 @@ def machine_line(m: dict) -> str:
 def cost_markdown(results: dict) -> list[str]:
     lines = [
         "Tool cost: each command in a fresh process, median of the runs (start-up and imports included, tfl_fuse",
-        "byte-compiled as installed, output fsync'ed by tfl_fuse only); in-process: `optimize_file` vs `write_model(read_model())` without start-up.",
+        "byte-compiled as installed, output fsync'ed by tfl_fuse only); in-process: `optimize_file` vs `write_model(read_model())` without start-up,",
+        "median of 9 interleaved runs. Every timed command starts with no unwritten pages (`os.sync()`, not timed), so that tfl_fuse's fsync does not also write LiteRT's output.",
         "",
         "| model | file MB | tfl_fuse s | tfl_fuse --rules none s | LiteRT read+write s | ratio | round-trip ratio | in-process ratio | tfl_fuse peak RSS MB | x file | x file above start-up | LiteRT RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
