@@ -310,6 +310,12 @@ def _negative_dimension(m):
     _tensor(m, "conv").shape = [1, -8, 8, 8]
 
 
+def _string_weights(m):  # fuzz seed 108: LiteRT read past them, re-encoding moved what it read
+    from ai_edge_litert import schema_py_generated as schema
+
+    _tensor(m, "ker").type = schema.TensorType.STRING
+
+
 @pytest.mark.parametrize(
     "change, expect",
     [
@@ -328,6 +334,7 @@ def _negative_dimension(m):
         (_no_outputs, "has no outputs"),
         (_constant_size, "constant of 128 bytes, but shape [8, 1, 1, 5] of FLOAT32 needs 160"),
         (_negative_dimension, "negative dimension"),
+        (_string_weights, "(CONV_2D): its weights are of type STRING, not numbers"),
     ],
     ids=[
         "large-custom-options-offset",
@@ -345,6 +352,7 @@ def _negative_dimension(m):
         "no-outputs",
         "constant-size",
         "negative-dimension",
+        "string-weights",
     ],
 )
 def test_structural_validation(capsys, tmp_path, good_model, change, expect):

@@ -724,6 +724,14 @@ def _check_spatial_output(op: Table, tensors: list[Table], where: str | _Place) 
 def _check_layer_channels(op: Table, tensors: list[Table], where: str | _Place) -> None:
     """A layer's output channels are its weights' (and bias') output channels, as LiteRT checks."""
     weight_input, bias_input, axis, rank = LAYER_CHANNELS[op.opcode.name]
+    for position in (weight_input, bias_input):
+        if position < len(op.inputs) and op.inputs[position] >= 0:
+            kind = tensors[op.inputs[position]].type
+            if kind in VALUELESS_TYPES:
+                # LiteRT reads them as numbers, past their bytes (what lies after them in the
+                # file, which re-encoding moves): no answer to keep
+                what = "weights" if position == weight_input else "bias"
+                raise ModelError(f"{where}: its {what} are of type {kind}, not numbers")
     weight_shape = list(tensors[op.inputs[weight_input]].get("shape") or [])
     out_shape = list(tensors[op.outputs[0]].get("shape") or [])
     if not weight_shape or not out_shape:
