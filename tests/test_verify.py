@@ -303,14 +303,21 @@ def test_errors_in_the_verifying_child_are_raised_in_the_caller(monkeypatch, pai
 
 def test_a_graph_input_whose_data_litert_cannot_read_is_a_clear_error():
     # fuzz --verify: a kernel of type RESOURCE made a graph input; LiteRT's Python API raised
-    # a bare ValueError reading its data ("internal error")
+    # a bare ValueError reading its data ("internal error"). Validation now refuses a layer's
+    # weights of that type, so the graph input here is a RESOURCE tensor of its own.
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
     data, _ = chef.cook(RECIPES / "Net_Conv_Add_Mul_000")
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-    model.subgraphs[0].inputs = [0, 1]
-    model.subgraphs[0].tensors[1].type = schema.TensorType.RESOURCE
+    stored = schema.BufferT()
+    stored.data = [1, 0, 0, 0, 0, 0, 0, 0]  # a graph input with data: verify reads it
+    model.buffers.append(stored)
+    handle = schema.TensorT()
+    handle.name, handle.type, handle.shape = "handle", schema.TensorType.RESOURCE, [1]
+    handle.buffer = len(model.buffers) - 1
+    model.subgraphs[0].tensors.append(handle)
+    model.subgraphs[0].inputs = [0, len(model.subgraphs[0].tensors) - 1]
     data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     with pytest.raises(ModelError, match="^--verify: LiteRT cannot read the data of graph input"):
         tfl_fuse.optimize(data, verify=True)
