@@ -13,7 +13,7 @@ import chef
 import numpy as np
 import pytest
 from ai_edge_litert.tools import flatbuffer_utils
-from conftest import RECIPES
+from conftest import RECIPES, conv_mul_recipe
 
 import tfl_fuse
 from tfl_fuse import cli, fb
@@ -973,27 +973,7 @@ def test_fold_larger_than_the_bound_is_declined_before_allocating():
 @pytest.fixture(scope="module")
 def large_buffer_model() -> bytes:
     """A model whose weights (4,608 bytes) are copied file to file when IN is a file."""
-    return _model(
-        [
-            {"name": "x", "shape": [1, 8, 8, 16]},
-            {"name": "w", "shape": [32, 3, 3, 16], "filler": {"kind": "gaussian"}},
-            {"name": "b", "shape": [32], "filler": {"kind": "gaussian"}},
-            {"name": "c", "shape": [1, 8, 8, 32]},
-            {"name": "s", "shape": [32], "filler": {"kind": "uniform", "low": 0.5}},
-            {"name": "y", "shape": [1, 8, 8, 32]},
-        ],
-        [
-            {
-                "type": "CONV_2D",
-                "inputs": ["x", "w", "b"],
-                "outputs": ["c"],
-                "options": {"padding": "SAME"},
-            },
-            {"type": "MUL", "inputs": ["c", "s"], "outputs": ["y"]},
-        ],
-        ["x"],
-        ["y"],
-    )
+    return fb.encode(chef.build_model(conv_mul_recipe(16, 32)))
 
 
 def _cli(args, **kwargs) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import os
 
 import chef
 import pytest
-from conftest import RECIPES
+from conftest import RECIPES, conv_mul_recipe
 
 import tfl_fuse
 from tfl_fuse import cli, engine, fb, rules
@@ -450,22 +450,7 @@ def test_the_input_is_unmapped_in_the_background_once_nothing_views_it(tmp_path,
 
     from tfl_fuse import api
 
-    recipe = {
-        "inputs": ["x"],
-        "outputs": ["y"],
-        "operand": [
-            {"name": "x", "shape": [1, 8, 8, 128]},
-            {"name": "w", "shape": [64, 3, 3, 128], "filler": {"kind": "gaussian"}},
-            {"name": "b", "shape": [64], "filler": {"kind": "gaussian"}},
-            {"name": "c", "shape": [1, 8, 8, 64]},
-            {"name": "s", "shape": [64], "filler": {"kind": "uniform", "low": 0.5}},
-            {"name": "y", "shape": [1, 8, 8, 64]},
-        ],
-        "operation": [
-            {"type": "CONV_2D", "inputs": ["x", "w", "b"], "outputs": ["c"]},
-            {"type": "MUL", "inputs": ["c", "s"], "outputs": ["y"]},
-        ],
-    }
+    recipe = conv_mul_recipe(128, 64)
     path = tmp_path / "m.tflite"
     path.write_bytes(fb.encode(chef.build_model(recipe)))
     assert path.stat().st_size >= 1 << 16  # large enough to be mapped, not read
