@@ -278,6 +278,30 @@ def test_litert_crashing_on_the_optimized_model_is_a_mismatch(monkeypatch, pair)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="contained by fork on Linux")
+def test_a_crash_running_both_models_where_each_runs_alone_is_not_blamed_on_the_optimized(
+    monkeypatch, pair
+):
+    """fuzz seed 108: a 2 GB output; the child running both models was killed (out of memory),
+    and verify said the optimized model crashes. Each runs alone: it says so instead."""
+    import os
+    import signal
+
+    original, optimized = pair
+    run = verify.run
+    ran = []
+
+    def crashing_when_both_ran(data, inputs):
+        ran.append(bytes(data))
+        if bytes(data) == optimized and original in ran:  # memory that runs out the second time
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run(data, inputs)
+
+    monkeypatch.setattr(verify, "run", crashing_when_both_ran)
+    with pytest.raises(ModelError, match=r"crashes \(SIGKILL\) running the two models one after"):
+        verify.compare_models(original, optimized)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="contained by fork on Linux")
 def test_litert_crashing_on_the_original_is_bad_input(monkeypatch, capsys, tmp_path, pair):
     original, optimized = pair
     _crashing_for(monkeypatch, original)
