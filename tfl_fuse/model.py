@@ -249,16 +249,15 @@ class ScaledProduct:
 
     def pieces(self) -> Iterator[memoryview]:
         """The float32 bytes in order, a few rows at a time; each piece is valid until the next."""
-        if self._value is not None:
-            yield memoryview(self._value.reshape(-1).view(np.uint8))
-            return
-        for piece in self._pieces():
-            yield memoryview(piece.reshape(-1).view(np.uint8))
+        for piece, _ in self.pieces_into(None):
+            yield piece
 
-    def pieces_into(self, take: Callable[[], np.ndarray]) -> Iterator[tuple[memoryview, Any]]:
+    def pieces_into(
+        self, take: Callable[[], np.ndarray] | None
+    ) -> Iterator[tuple[memoryview, Any]]:
         """:meth:`pieces`, each computed into a buffer ``take()`` gives (a float32 array of
-        SCALE_CHUNK_VALUES values), so that a piece stays valid while the next is computed.
-        Yields (piece, the array that owns its memory: a buffer taken, or one of its own)."""
+        SCALE_CHUNK_VALUES values), so that a piece stays valid while the next is computed
+        (None: one reused scratch). Yields (piece, the array that owns its memory)."""
         if self._value is not None:
             yield memoryview(self._value.reshape(-1).view(np.uint8)), self._value
             return
