@@ -1284,3 +1284,50 @@ def test_slice_output_shapes(begin, size, shape, expect):
     else:
         with pytest.raises(ModelError, match=re.escape(expect)):
             tfl_fuse.optimize(data)
+
+
+def _fallocate_failing_with(code: int):
+    """fb's fallocate replaced by one that fails with ``code``, as the C library would."""
+    import ctypes
+
+    calls = []
+
+    def fallocate(fd, mode, offset, length):
+        calls.append((mode, offset, length))
+        ctypes.set_errno(code)
+        return -1
+
+    real = fb._libc_call
+
+    def libc_call(name, *argtypes):
+        return fallocate if name == "fallocate" else real(name, *argtypes)
+
+    return libc_call, calls
+
+
+def test_a_disk_too_full_for_the_model_fails_before_anything_is_written(
+    capsys, tmp_path, monkeypatch, good_model
+):
+    """The output's space is reserved first: a full disk is one line, OUT keeps what it had,
+    no temp file is left and not one byte of the model was written."""
+    import errno
+
+    libc_call, calls = _fallocate_failing_with(errno.ENOSPC)
+    monkeypatch.setattr(fb, "_libc_call", libc_call)
+    writes = []
+    for name in ("write", "writev"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real: writes.append(1) or _real(*a))
+    src = tmp_path / "in.tflite"
+    src.write_bytes(good_model)
+    dst = tmp_path / "out.tflite"
+    dst.write_bytes(b"previous")
+    code, err = run_cli(capsys, [src, dst])
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"tfl-fuse: error: cannot write {dst}: No space left on device"
+    ]
+    assert calls == [(0, 0, len(tfl_fuse.optimize(good_model)[0]))]  # the whole model, at once
+    assert writes == []
+    assert dst.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tflite", "out.tflite"]

@@ -444,3 +444,55 @@ def test_the_writing_thread_holds_few_pieces_however_large_the_layer(tmp_path, m
     assert path.read_bytes() == expected
     assert 1 < most[0] <= fb.PIPELINE_BUFFERS + 1
     assert not [t for t in threading.enumerate() if t.name == "tfl_fuse-write"]
+
+
+def test_the_output_is_reserved_whole_before_it_is_written(
+    tmp_path, monkeypatch, preactivation_resnet
+):
+    """optimize_file allocates the output's space in one fallocate before its first write
+    (where the file system cannot, it writes as before, to the same bytes)."""
+    import ctypes
+    import errno
+
+    path, expected = preactivation_resnet
+    events = []
+    real_call = fb._libc_call
+
+    def spy(name, *argtypes):
+        call = real_call(name, *argtypes)
+        if name != "fallocate":
+            return call
+
+        def fallocate(fd, mode, offset, length):
+            events.append(("reserve", os.fstat(fd).st_size, length))
+            return call(fd, mode, offset, length)
+
+        return fallocate
+
+    for name in ("write", "writev"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real: events.append(("write",)) or _real(*a))
+    monkeypatch.setattr(fb, "_libc_call", spy)
+    out = tmp_path / "out.tflite"
+    tfl_fuse.optimize_file(path, out)
+    assert out.read_bytes() == expected
+    assert events[0] == ("reserve", 0, len(expected))  # a new file, reserved whole, first
+    assert [e for e in events if e[0] == "reserve"] == [events[0]]
+    assert ("write",) in events
+
+    with out.open("r+b") as held:  # on this machine's file system the space is really taken
+        fb.reserve(held.fileno(), 3 * len(expected))
+        if os.fstat(held.fileno()).st_size != len(expected):
+            assert os.fstat(held.fileno()).st_blocks * 512 >= 3 * len(expected)
+
+    def unsupported(fd, mode, offset, length):
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(
+        fb,
+        "_libc_call",
+        lambda name, *a: unsupported if name == "fallocate" else real_call(name, *a),
+    )
+    tfl_fuse.optimize_file(path, tmp_path / "unreserved.tflite")
+    assert (tmp_path / "unreserved.tflite").read_bytes() == expected

@@ -529,6 +529,7 @@ def write_atomically(
     )
     try:
         try:
+            fb.reserve(fd, len(data))
             if isinstance(data, fb.Encoded):
                 data.write(fd, source_fd, writeback=durable)
             else:
