@@ -496,3 +496,100 @@ def test_the_output_is_reserved_whole_before_it_is_written(
     )
     tfl_fuse.optimize_file(path, tmp_path / "unreserved.tflite")
     assert (tmp_path / "unreserved.tflite").read_bytes() == expected
+
+
+def _overflowing_fold_model() -> bytes:
+    """CONV_2D -> MUL whose fold would overflow float32 in one product (3e38 * 2), in weights
+    of 9 KB: large enough to be folded as a ScaledProduct, whose check can wait for the write."""
+    import chef
+    from conftest import conv_mul_recipe
+
+    recipe = conv_mul_recipe(16, 16)
+    weights = np.full((16, 3, 3, 16), 0.1, np.float32)
+    weights[5, 1, 2, 7] = 3e38
+    scale = np.ones(16, np.float32)
+    scale[5] = 2.0
+    for operand in recipe["operand"]:
+        if operand["name"] == "w":
+            operand["filler"] = {"kind": "explicit", "values": weights.ravel().tolist()}
+        if operand["name"] == "s":
+            operand["filler"] = {"kind": "explicit", "values": scale.tolist()}
+    return bytes(fb.encode(chef.build_model(recipe)))
+
+
+def test_a_fold_found_to_overflow_as_it_is_written_is_made_again_and_declined(
+    tmp_path, monkeypatch, capsys
+):
+    """optimize_file, the CLI and batch runs check folded weights as they write them. Where a
+    product overflows there, the temp file goes and the run is made again checking at the fold,
+    which declines it: the same bytes and report as optimize() (which checks at the fold)."""
+    import json
+
+    from tfl_fuse import api, cli, model
+
+    data = _overflowing_fold_model()
+    expected, expected_report = tfl_fuse.optimize(data)
+    assert expected_report["ops_after"].get("MUL") == 1
+    assert any("overflow float32" in d["reason"] for d in expected_report["declined"])
+    src = tmp_path / "in.tflite"
+    src.write_bytes(data)
+
+    attempts, overflows = [], []
+    real_attempt, real_check = api._optimize_and_write, model._check_products
+
+    def attempt(*args):
+        attempts.append(1)
+        return real_attempt(*args)
+
+    def check(products, shape):
+        try:
+            real_check(products, shape)
+        except model.FoldedOverflow:
+            overflows.append(shape)
+            raise
+
+    monkeypatch.setattr(api, "_optimize_and_write", attempt)
+    monkeypatch.setattr(model, "_check_products", check)
+    report = tfl_fuse.optimize_file(src, tmp_path / "out.tflite")
+    assert (tmp_path / "out.tflite").read_bytes() == bytes(expected)
+    assert (len(attempts), overflows) == (2, [(16, 3, 3, 16)])
+    for r in (report, expected_report):
+        r.pop("timing", None), r.pop("output", None)
+    assert report == expected_report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tflite", "out.tflite"]
+
+    attempts.clear(), overflows.clear()
+    code = cli.main([str(src), str(tmp_path / "cli.tflite"), "--report", "-", "-q"])
+    assert code == 0 and (tmp_path / "cli.tflite").read_bytes() == bytes(expected)
+    assert len(attempts) == 2 and len(overflows) == 1
+    assert json.loads(capsys.readouterr().out)["declined"] == expected_report["declined"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.tflite", "in.tflite", "out.tflite"]
+
+    attempts.clear(), overflows.clear()
+    code = cli.main([str(src), "--dry-run", "--report", "-", "-q"])  # checked at the fold
+    assert code == 0 and not attempts and not overflows
+    assert json.loads(capsys.readouterr().out)["declined"] == expected_report["declined"]
+
+
+def test_folded_weights_written_by_optimize_file_are_not_read_by_the_rules(
+    tmp_path, monkeypatch, preactivation_resnet
+):
+    """optimize_file leaves every large fold's overflow check to the write (no read of the
+    weights during the rules) and writes the bytes optimize() makes checking at the fold."""
+    from tfl_fuse import model
+
+    path, expected = preactivation_resnet
+    made = []
+    real = model.ScaledProduct.__init__
+
+    def init(self, source, factors, checked=True):
+        made.append(checked)
+        real(self, source, factors, checked)
+
+    monkeypatch.setattr(model.ScaledProduct, "__init__", init)
+    tfl_fuse.optimize_file(path, tmp_path / "out.tflite")
+    assert (tmp_path / "out.tflite").read_bytes() == expected
+    assert made and not any(made)  # every one unchecked: left to the write
+    made.clear()
+    assert bytes(tfl_fuse.optimize(path.read_bytes())[0]) == expected
+    assert made and all(made)

@@ -214,6 +214,54 @@ def test_scaled_float32_declines_what_a_product_would_not_hold(bad, message):
         assert np.isfinite(scaled_float32(weights, factors).value()).all()
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("weight", np.nan),
+        ("factor", np.inf),
+        ("weight", 3e38),
+        ("weight", -3e38),
+        ("factor", 1.0 + 2.0**-30),  # MAX * (1 + 2^-30) > MAX rounds to float32's MAX
+    ],
+)
+def test_a_check_left_to_the_write_fails_where_the_check_at_the_fold_declines(bad):
+    """Within overflow_checks_at_write, scaled_float32 reads nothing and declines nothing; the
+    products fail (FoldedOverflow) as they are computed, piece by piece or as a value, wherever
+    the check at the fold declines, and give its bytes where it does not."""
+    from tfl_fuse.model import FoldedOverflow, ScaledProduct
+    from tfl_fuse.rules.predicates import overflow_checks_at_write, scaled_float32
+
+    weights = np.ones((8, 3, 3, 40), np.float32)
+    factors = np.full((1, 1, 1, 40), 0.5)
+    where, value = bad
+    if where == "weight":
+        weights[5, 1, 2, 7] = value
+        factors[..., 7] = 2.0
+    else:
+        weights[5, 1, 2, 7] = np.finfo(np.float32).max
+        factors[..., 7] = value
+    with pytest.raises(Decline):
+        scaled_float32(weights, factors)
+    with overflow_checks_at_write():
+        product = scaled_float32(weights, factors)
+    assert isinstance(product, ScaledProduct) and not product.checked
+    with pytest.raises(FoldedOverflow):
+        for _ in product.pieces():
+            pass
+    with pytest.raises(FoldedOverflow):
+        product.value()
+    factors[..., 7] = 0.25  # in range: the bytes of the check at the fold
+    with overflow_checks_at_write():
+        product = scaled_float32(weights, factors)
+    if where == "weight" and np.isnan(value):
+        with pytest.raises(FoldedOverflow):
+            product.value()
+        return
+    written = b"".join(bytes(piece) for piece in product.pieces())
+    assert written == scaled_float32(weights, factors).value().tobytes()
+    assert product.value().tobytes() == written and product.checked
+
+
 def test_float32_factors_are_multiplied_in_float32_with_the_same_bits():
     """Factors that are float32 values (a BN's MUL constant) take the float32 multiply, which
     must give the float64 product rounded once, bit for bit: across every exponent, with

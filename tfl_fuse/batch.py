@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import VerificationError, open_model_file, optimize_image, write_atomically
+from .api import VerificationError, WriteError, open_model_file, optimize_and_write
 from .formats import FORMATS
 from .model import ModelError
 from .report import entry_text, plural
@@ -58,16 +58,14 @@ def optimize_one(
     row: dict[str, Any] = {"model": model, "input": source, "output": None}
     try:
         with open_model_file(source) as (data, fd):
-            image, report = optimize_image(data, **arguments)
-            if target is not None:
-                try:
-                    Path(target).parent.mkdir(parents=True, exist_ok=True)
-                    write_atomically(target, image, fd, durable)
-                except OSError as error:
-                    raise ModelError(f"cannot write {target}: {error.strerror or error}") from None
-                row["output"] = target
+            try:
+                report = optimize_and_write(
+                    data, fd, target, durable, make_folder=True, **arguments
+                )
+            except WriteError as error:
+                raise ModelError(f"cannot write {target}: {error.strerror or error}") from None
+            row["output"] = target
             report["output"] = target
-            del image  # its views of the input: the map can be unmapped at once
         row.update(status="ok", report=report)
     except VerificationError as error:
         row.update(status="mismatch", error=str(error), report=error.report)

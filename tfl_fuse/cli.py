@@ -23,8 +23,9 @@ from .api import (
     EQUALIZE_MODES,
     FLOAT16_FOLDS,
     VerificationError,
+    WriteError,
     open_model_file,
-    optimize_image,
+    optimize_and_write,
     write_atomically,
 )
 from .formats import FORMATS, for_path
@@ -470,18 +471,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open_model_file(args.input) as (data, source_fd):
             try:
-                image, report = optimize_image(data, **options.library_arguments(output_format))
+                report = optimize_and_write(
+                    data,
+                    source_fd,
+                    None if (args.dry_run or args.check) else args.output,
+                    options.durable,
+                    **options.library_arguments(output_format),
+                )
             except VerificationError as error:
                 error.report["output"] = None
                 _verbose(args, error.report)
                 code = _emit_report(args, error.report)
                 return _fail(str(error), EXIT_MISMATCH) if code == EXIT_OK else code
-            if not (args.dry_run or args.check):
-                try:
-                    write_atomically(args.output, image, source_fd, options.durable)
-                except OSError as error:
-                    return _fail(f"cannot write {args.output}: {error.strerror or error}")
-            del image  # its views of the input: the map can be unmapped at once
+            except WriteError as error:
+                return _fail(f"cannot write {args.output}: {error.strerror or error}")
     except ModelError as error:
         message = str(error)
         return _fail(message if str(args.input) in message else f"{args.input}: {message}")

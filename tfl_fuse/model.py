@@ -189,6 +189,35 @@ def _scratch_array(shape: tuple[int, ...]) -> np.ndarray:
     return flat[: math.prod(shape)].reshape(shape)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class FoldedOverflow(BaseException):
+    """Folded weights whose overflow check was left to the write (``ScaledProduct`` made with
+    ``checked=False``) hold a product that is not finite or reaches float32's largest value.
+
+    The run that made them is abandoned and made again with the checks done as the rules fold
+    (:func:`tfl_fuse.api.optimize_and_write`). A BaseException, as a rule that reads the value
+    must not take it for a reason of its own to decline (``except Exception``).
+    """
+
+
+def _multiply(block: np.ndarray, near: np.ndarray, out: np.ndarray, exact32: bool) -> None:
+    if exact32:
+        np.multiply(block, near, out=out)  # the same bits (see ScaledProduct.__init__)
+    else:
+        # one pass: each product in float64, rounded to float32 as it is stored
+        np.multiply(block, near, out=out, dtype=np.float64, casting="unsafe")
+
+
+def _check_products(products: np.ndarray, shape: tuple[int, ...]) -> None:
+    """FoldedOverflow unless every float32 product is finite and below FLOAT32_MAX in
+    magnitude. NaN fails both comparisons. A product of magnitude FLOAT32_MAX fails too: it may
+    have been rounded down to it from above, which the check at the fold refuses."""
+    if not (-FLOAT32_MAX < float(products.min()) and float(products.max()) < FLOAT32_MAX):
+        raise FoldedOverflow(shape)
+
+
 class ScaledProduct:
     """Buffer data computed when it is written: float32(source * factors), each product in
     float64 and rounded once (``factors`` broadcasts to the shape of ``source``).
@@ -203,9 +232,12 @@ class ScaledProduct:
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, source: np.ndarray, factors: np.ndarray) -> None:
+    def __init__(self, source: np.ndarray, factors: np.ndarray, checked: bool = True) -> None:
         self.source = source
         self.factors = np.asarray(factors, np.float64)
+        # False: no one has looked whether every product is finite and below float32's
+        # largest value; each piece is then checked as it is computed (FoldedOverflow)
+        self.checked = checked
         self.shape = tuple(source.shape)
         self._value: np.ndarray | None = None
         # Where every factor is a float32 value (a BN's MUL constant, read as float64), a
@@ -245,6 +277,7 @@ class ScaledProduct:
                 position += piece.size
             value.flags.writeable = False
             self._value = value
+            self.checked = True
         return self._value
 
     def pieces(self) -> Iterator[memoryview]:
@@ -268,7 +301,11 @@ class ScaledProduct:
     def _pieces(self, take: Callable[[], np.ndarray] | None = None) -> Iterator[np.ndarray]:
         source, factors = self.source, self.factors
         if source.ndim == 0:
-            yield np.multiply(source, factors, dtype=np.float64).astype(np.float32).reshape(1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                product = np.multiply(source, factors, dtype=np.float64).astype(np.float32)
+            if not self.checked:
+                _check_products(product, self.shape)
+            yield product.reshape(1)
             return
         exact32 = self._factors32 is not None
         if exact32:
@@ -288,11 +325,12 @@ class ScaledProduct:
             else:
                 out = take()[: block.size].reshape(block.shape)
             near = factors[part] if per_row else factors
-            if exact32:
-                np.multiply(block, near, out=out)  # the same bits (see __init__)
+            if self.checked:
+                _multiply(block, near, out, exact32)
             else:
-                # one pass: each product in float64, rounded to float32 as it is stored
-                np.multiply(block, near, out=out, dtype=np.float64, casting="unsafe")
+                with np.errstate(over="ignore", invalid="ignore"):  # found below, not printed
+                    _multiply(block, near, out, exact32)
+                _check_products(out, self.shape)
             if release:
                 release_mapped_pages(block)
             yield out

@@ -6,7 +6,10 @@ and raises :class:`Decline` with a reason a user can read (``per_channel_vector`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,6 +194,29 @@ def require_finite(*arrays: np.ndarray) -> None:
 
 EAGER_BELOW_BYTES = 4096
 
+# True while the run's output will be written: folded weights then skip the read for their
+# extremes, and are checked as they are written instead (see overflow_checks_at_write)
+_CHECKS_AT_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tfl_fuse_overflow_checks_at_write", default=False
+)
+
+
+@contextlib.contextmanager
+def overflow_checks_at_write(enabled: bool = True) -> Iterator[None]:
+    """Within this, :func:`scaled_float32` does not read the weights it folds: it leaves the
+    check of its products to when they are computed, as the model is written (or its value is
+    read), where a failure is :class:`~tfl_fuse.model.FoldedOverflow` instead of a Decline.
+
+    Only for a run whose output is then written: a dry run never computes the products. The
+    caller makes the run again without this where FoldedOverflow comes
+    (:func:`tfl_fuse.api.optimize_and_write`).
+    """
+    token = _CHECKS_AT_WRITE.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKS_AT_WRITE.reset(token)
+
 
 def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray | ScaledProduct:
     """float32(weights * factors): each product computed in float64 and rounded once.
@@ -201,6 +227,7 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray | Sca
     for their extremes, a few rows at a time: along every axis ``factors`` does not vary, the
     largest product in magnitude is the largest or the smallest weight times the factor
     (rounding keeps the order), so the check is the one the products would pass.
+    Within :func:`overflow_checks_at_write` the weights are not read here at all.
     """
     factors = np.asarray(factors, np.float64)
     if weights.nbytes < EAGER_BELOW_BYTES:  # less than a page: computed now, as it is cheaper
@@ -209,6 +236,8 @@ def scaled_float32(weights: np.ndarray, factors: np.ndarray) -> np.ndarray | Sca
         require_finite(product)
         return product.astype(np.float32)
     padded = factors.reshape((1,) * (weights.ndim - factors.ndim) + factors.shape)
+    if _CHECKS_AT_WRITE.get():
+        return ScaledProduct(weights, padded, checked=False)
     flat_axes = tuple(axis for axis in range(weights.ndim) if padded.shape[axis] == 1)
     per_row = padded.shape[0] != 1
     reach = float(np.abs(padded).max()) if padded.size else 0.0
