@@ -2,8 +2,9 @@
 
 Every outcome must be a result or a one-line ModelError that validation raised, never the
 engine's catch-all ("met an inconsistent model"). A tenth of the inputs also run with
-``verify``: LiteRT runs input and output, which must compute the same. `make fuzz` runs the long
-version.
+``verify``: LiteRT runs input and output, which must compute the same. A fifth are also written
+to a file as optimize_file writes them (folds checked for overflow as they are written), which
+must give optimize()'s bytes and report. `make fuzz` runs the long version.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ COUNT = 5000
 
 
 def test_seeded_fuzz_run_finds_no_crash(tmp_path):
-    result = fuzz.run(seed=12, count=COUNT, out=tmp_path, verify_share=0.1)
+    result = fuzz.run(seed=12, count=COUNT, out=tmp_path, verify_share=0.1, write_share=0.2)
     assert result["failures"] == {}, "\n".join(
         f"{entry['count']} x {name}: {entry['message']} ({entry['input']})"
         for name, entry in result["failures"].items()

@@ -30,10 +30,12 @@ import copy
 import hashlib
 import json
 import multiprocessing
+import os
 import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -51,7 +53,7 @@ from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from ai_edge_litert.tools import flatbuffer_utils  # noqa: E402
 
 import tfl_fuse  # noqa: E402
-from tfl_fuse import fb, verify  # noqa: E402
+from tfl_fuse import api, fb, verify  # noqa: E402
 from tfl_fuse.model import ModelError  # noqa: E402
 
 CATCH_ALL = "met an inconsistent model"
@@ -302,8 +304,13 @@ def non_finite_constants(data: bytes) -> int:
     return count
 
 
-def check(data: bytes, rng: random.Random, verify_share: float = 0.0) -> tuple[str | None, str]:
-    """Optimize one input: (failure signature or None, message)."""
+def check(
+    data: bytes, rng: random.Random, verify_share: float = 0.0, write_share: float = 0.0
+) -> tuple[str | None, str]:
+    """Optimize one input: (failure signature or None, message). ``write_share`` of the inputs
+    are also written to a file as optimize_file writes them, which must give the same bytes and
+    report as optimize() (which checks folds for overflow as it folds, the write path as it
+    writes)."""
     options: dict[str, Any] = {"target": rng.choice(["float", "float", "int8"])}
     if rng.random() < 0.1:
         options["output_format"] = rng.choice(["tflite", "circle"])
@@ -312,14 +319,33 @@ def check(data: bytes, rng: random.Random, verify_share: float = 0.0) -> tuple[s
             return in_child(_check, data, {**options, "verify": True})
         except Timeout:
             return "Timeout", f"over {TIMEOUT_SECONDS} s (with verify)"
-    return _check(data, options)
+    return _check(data, options, write=rng.random() < write_share)
 
 
-def _check(data: bytes, options: dict[str, Any]) -> tuple[str | None, str]:
+def _written_differs(data: bytes, output: bytes, report: dict[str, Any], options: dict) -> bool:
+    """Whether the write path (api.optimize_and_write, as optimize_file) writes other bytes or
+    reports otherwise than optimize() did."""
+    target = Path(tempfile.gettempdir()) / f"tfl_fuse-fuzz-{os.getpid()}.out"  # this worker's
+    try:
+        written = api.optimize_and_write(data, None, target, durable=False, **options)
+        return target.read_bytes() != bytes(output) or _comparable(written) != _comparable(report)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def _comparable(report: dict[str, Any]) -> str:
+    return json.dumps(
+        {k: v for k, v in report.items() if k != "timing"}, sort_keys=True, default=str
+    )
+
+
+def _check(data: bytes, options: dict[str, Any], write: bool = False) -> tuple[str | None, str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             output, report = tfl_fuse.optimize(data, **options)
+            if write and _written_differs(data, output, report, options):
+                return "the written output differs from optimize()'s", str(options)
         if caught:
             where = f"{Path(caught[0].filename).name}:{caught[0].lineno}"
             return f"{caught[0].category.__name__} at {where}", str(caught[0].message)[:300]
@@ -364,6 +390,7 @@ def run(
     out: Path | None,
     seeds: list[bytes] | None = None,
     verify_share: float = 0.0,
+    write_share: float = 0.0,
 ) -> dict[str, Any]:
     """Fuzz ``count`` inputs from ``seed``; return counts and {signature: first example}."""
     seeds = seeds if seeds is not None else seed_models()
@@ -377,7 +404,9 @@ def run(
             data = mutate(seeds, objects, rng)
             signal.alarm(TIMEOUT_SECONDS)
             try:
-                found, message = check(data, random.Random(f"{seed}/{i}"), verify_share)
+                found, message = check(
+                    data, random.Random(f"{seed}/{i}"), verify_share, write_share
+                )
             finally:
                 signal.alarm(0)
             if found is None:
@@ -396,10 +425,16 @@ def run(
     return {"count": count, "outcomes": outcomes, "failures": failures}
 
 
-def _worker(args: tuple[int, int, str | None, float]) -> dict[str, Any]:
-    seed, count, out, verify_share = args
+def _worker(args: tuple[int, int, str | None, float, float]) -> dict[str, Any]:
+    seed, count, out, verify_share, write_share = args
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    return run(seed, count, Path(out) if out else None, verify_share=verify_share)
+    return run(
+        seed,
+        count,
+        Path(out) if out else None,
+        verify_share=verify_share,
+        write_share=write_share,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="share of inputs also checked with verify: LiteRT runs input and output (default 0.1)",
     )
+    parser.add_argument(
+        "--write-share",
+        type=float,
+        default=0.2,
+        help="share of inputs also written to a file as optimize_file does, which must give "
+        "optimize()'s bytes and report (default 0.2)",
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     chunks = 4 * args.jobs
@@ -423,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             args.count // chunks + (k < args.count % chunks),
             args.out,
             args.verify_share,
+            args.write_share,
         )
         for k in range(chunks)
     ]
