@@ -3,8 +3,8 @@
 Every outcome must be a result or a one-line ModelError that validation raised, never the
 engine's catch-all ("met an inconsistent model"). A tenth of the inputs also run with
 ``verify``: LiteRT runs input and output, which must compute the same. A fifth are also written
-to a file as optimize_file writes them (folds checked for overflow as they are written), which
-must give optimize()'s bytes and report. `make fuzz` runs the long version.
+to a file as optimize_file writes them (folds checked for overflow as they are written, every
+fold made a ScaledProduct for it, however small), which must give optimize()'s bytes and report. `make fuzz` runs the long version.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ input (a ``ModelError``) is fine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from ai_edge_litert.tools import flatbuffer_utils  # noqa: E402
 import tfl_fuse  # noqa: E402
 from tfl_fuse import api, fb, verify  # noqa: E402
 from tfl_fuse.model import ModelError  # noqa: E402
+from tfl_fuse.rules import predicates  # noqa: E402
 
 CATCH_ALL = "met an inconsistent model"
 INTERESTING_INTS = [0, 1, 2, 3, 4, 7, 8, 16, 127, 128, 255, 256, -1, -2, -128, 2**15, 2**16]
@@ -333,6 +336,18 @@ def _written_differs(data: bytes, output: bytes, report: dict[str, Any], options
         target.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _every_fold_a_product() -> Iterator[None]:
+    """Folds of any size made as ScaledProducts, not only those of 4 KiB or more: the recipe
+    models' weights are small, and only a ScaledProduct's overflow check waits for the write."""
+    eager_below = predicates.EAGER_BELOW_BYTES
+    predicates.EAGER_BELOW_BYTES = 0
+    try:
+        yield
+    finally:
+        predicates.EAGER_BELOW_BYTES = eager_below
+
+
 def _comparable(report: dict[str, Any]) -> str:
     return json.dumps(
         {k: v for k, v in report.items() if k != "timing"}, sort_keys=True, default=str
@@ -341,7 +356,10 @@ def _comparable(report: dict[str, Any]) -> str:
 
 def _check(data: bytes, options: dict[str, Any], write: bool = False) -> tuple[str | None, str]:
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            _every_fold_a_product() if write else contextlib.nullcontext(),
+        ):
             warnings.simplefilter("always")
             output, report = tfl_fuse.optimize(data, **options)
             if write and _written_differs(data, output, report, options):
