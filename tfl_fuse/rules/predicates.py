@@ -202,7 +202,7 @@ _CHECKS_AT_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def overflow_checks_at_write(enabled: bool = True) -> Iterator[None]:
+def overflow_checks_at_write() -> Iterator[None]:
     """Within this, :func:`scaled_float32` does not read the weights it folds: it leaves the
     check of its products to when they are computed, as the model is written (or its value is
     read), where a failure is :class:`~tfl_fuse.model.FoldedOverflow` instead of a Decline.
@@ -211,7 +211,7 @@ def overflow_checks_at_write(enabled: bool = True) -> Iterator[None]:
     caller makes the run again without this where FoldedOverflow comes
     (:func:`tfl_fuse.api.optimize_and_write`).
     """
-    token = _CHECKS_AT_WRITE.set(enabled)
+    token = _CHECKS_AT_WRITE.set(True)
     try:
         yield
     finally:
