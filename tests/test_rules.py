@@ -187,6 +187,20 @@ def test_scaled_float32_writes_the_eager_products_bit_for_bit(
     assert b"".join(bytes(piece) for piece in product.pieces()) == expected.tobytes()
 
 
+def _one_bad_product(where: str, value: float, weight: float = 1.0) -> tuple:
+    """Weights of ones and factors of 0.5 where one product is ``value``: the weight ``value``
+    times 2, or the weight ``weight`` times the factor ``value``."""
+    weights = np.ones((8, 3, 3, 40), np.float32)
+    factors = np.full((1, 1, 1, 40), 0.5)
+    if where == "weight":
+        weights[5, 1, 2, 7] = value
+        factors[..., 7] = 2.0
+    else:
+        weights[5, 1, 2, 7] = weight
+        factors[..., 7] = value
+    return weights, factors
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -199,14 +213,8 @@ def test_scaled_float32_writes_the_eager_products_bit_for_bit(
 def test_scaled_float32_declines_what_a_product_would_not_hold(bad, message):
     from tfl_fuse.rules.predicates import scaled_float32
 
-    weights = np.ones((8, 3, 3, 40), np.float32)
-    factors = np.full((1, 1, 1, 40), 0.5)
     where, value = bad
-    if where == "weight":
-        weights[5, 1, 2, 7] = value
-        factors[..., 7] = 2.0
-    else:
-        factors[..., 7] = value
+    weights, factors = _one_bad_product(where, value)
     with pytest.raises(Decline, match=message):
         scaled_float32(weights, factors)
     factors[..., 7] = 0.25  # the same weights, a factor that keeps the product in range
@@ -231,15 +239,8 @@ def test_a_check_left_to_the_write_fails_where_the_check_at_the_fold_declines(ba
     from tfl_fuse.model import FoldedOverflow, ScaledProduct
     from tfl_fuse.rules.predicates import overflow_checks_at_write, scaled_float32
 
-    weights = np.ones((8, 3, 3, 40), np.float32)
-    factors = np.full((1, 1, 1, 40), 0.5)
     where, value = bad
-    if where == "weight":
-        weights[5, 1, 2, 7] = value
-        factors[..., 7] = 2.0
-    else:
-        weights[5, 1, 2, 7] = np.finfo(np.float32).max
-        factors[..., 7] = value
+    weights, factors = _one_bad_product(where, value, weight=np.finfo(np.float32).max)
     with pytest.raises(Decline):
         scaled_float32(weights, factors)
     with overflow_checks_at_write():
