@@ -308,12 +308,16 @@ def non_finite_constants(data: bytes) -> int:
 
 
 def check(
-    data: bytes, rng: random.Random, verify_share: float = 0.0, write_share: float = 0.0
+    data: bytes,
+    rng: random.Random,
+    verify_share: float = 0.0,
+    write_share: float = 0.0,
+    folder: Path | None = None,
 ) -> tuple[str | None, str]:
     """Optimize one input: (failure signature or None, message). ``write_share`` of the inputs
     are also written to a file as optimize_file writes them, which must give the same bytes and
     report as optimize() (which checks folds for overflow as it folds, the write path as it
-    writes)."""
+    writes), into ``folder`` (by default the system's temp folder)."""
     options: dict[str, Any] = {"target": rng.choice(["float", "float", "int8"])}
     if rng.random() < 0.1:
         options["output_format"] = rng.choice(["tflite", "circle"])
@@ -322,13 +326,16 @@ def check(
             return in_child(_check, data, {**options, "verify": True})
         except Timeout:
             return "Timeout", f"over {TIMEOUT_SECONDS} s (with verify)"
-    return _check(data, options, write=rng.random() < write_share)
+    write = rng.random() < write_share
+    return _check(data, options, (folder or Path(tempfile.gettempdir())) if write else None)
 
 
-def _written_differs(data: bytes, output: bytes, report: dict[str, Any], options: dict) -> bool:
+def _written_differs(
+    data: bytes, output: bytes, report: dict[str, Any], options: dict, folder: Path
+) -> bool:
     """Whether the write path (api.optimize_and_write, as optimize_file) writes other bytes or
     reports otherwise than optimize() did."""
-    target = Path(tempfile.gettempdir()) / f"tfl_fuse-fuzz-{os.getpid()}.out"  # this worker's
+    target = folder / f"written-{os.getpid()}"
     try:
         written = api.optimize_and_write(data, None, target, durable=False, **options)
         return target.read_bytes() != bytes(output) or _comparable(written) != _comparable(report)
@@ -354,15 +361,17 @@ def _comparable(report: dict[str, Any]) -> str:
     )
 
 
-def _check(data: bytes, options: dict[str, Any], write: bool = False) -> tuple[str | None, str]:
+def _check(
+    data: bytes, options: dict[str, Any], write_to: Path | None = None
+) -> tuple[str | None, str]:
     try:
         with (
             warnings.catch_warnings(record=True) as caught,
-            _every_fold_a_product() if write else contextlib.nullcontext(),
+            _every_fold_a_product() if write_to else contextlib.nullcontext(),
         ):
             warnings.simplefilter("always")
             output, report = tfl_fuse.optimize(data, **options)
-            if write and _written_differs(data, output, report, options):
+            if write_to and _written_differs(data, output, report, options, write_to):
                 return "the written output differs from optimize()'s", str(options)
         if caught:
             where = f"{Path(caught[0].filename).name}:{caught[0].lineno}"
@@ -417,13 +426,20 @@ def run(
     failures: dict[str, dict[str, Any]] = {}
     outcomes = {"ok": 0, "refused": 0, "failed": 0}
     old = signal.signal(signal.SIGALRM, _alarm)
+    # written outputs go to a folder of the run's own, so that write_atomically's look for
+    # stale temp files scans it and not all of the system's temp folder
+    folder = tempfile.TemporaryDirectory(prefix="tfl_fuse-fuzz-")
     try:
         for i in range(count):
             data = mutate(seeds, objects, rng)
             signal.alarm(TIMEOUT_SECONDS)
             try:
                 found, message = check(
-                    data, random.Random(f"{seed}/{i}"), verify_share, write_share
+                    data,
+                    random.Random(f"{seed}/{i}"),
+                    verify_share,
+                    write_share,
+                    Path(folder.name),
                 )
             finally:
                 signal.alarm(0)
@@ -440,6 +456,7 @@ def run(
                 entry["input"] = str(out / name)
     finally:
         signal.signal(signal.SIGALRM, old)
+        folder.cleanup()
     return {"count": count, "outcomes": outcomes, "failures": failures}
 
 
